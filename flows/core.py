@@ -1,0 +1,115 @@
+"""The bijection contract, composition and the normalizing flow.
+
+Convention (one direction, named): ``forward`` is the density direction, data ``x`` to
+latent ``z``, and returns ``log|det dz/dx|``; ``inverse`` is the sampling direction and
+returns ``log|det dx/dz|`` (that is, minus the forward log-det at ``x = f^{-1}(z)``).
+Every log-det has shape ``(batch,)``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from flows.distributions import StandardNormal
+
+
+class Bijection(nn.Module):
+    """An invertible map ``f: x -> z`` with a tractable ``log|det df/dx|``.
+
+    Subclasses implement ``forward(x) -> (z, logdet)`` and ``inverse(z) -> (x, logdet)``.
+    In training mode a layer may return an unbiased (or truncated) stochastic estimate of
+    the log-det (i-ResNet's power series); in eval mode it returns its most accurate one.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class Inverse(Bijection):
+    """``f^{-1}`` as a bijection: swaps ``forward`` and ``inverse`` of ``bijection``."""
+
+    def __init__(self, bijection: Bijection) -> None:
+        super().__init__()
+        self.bijection = bijection
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.bijection.inverse(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.bijection(z)
+
+
+class Compose(Bijection):
+    """``f = f_n o ... o f_1``: forward applies ``f_1`` first, inverse ``f_n^{-1}`` first.
+
+    The log-det is the sum of the layers' log-dets (chain rule).
+    """
+
+    def __init__(self, *bijections: Bijection) -> None:
+        super().__init__()
+        self.bijections = nn.ModuleList(bijections)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for bijection in self.bijections:
+            x, ld = bijection(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = z.new_zeros(z.shape[0])
+        for bijection in reversed(self.bijections):
+            z, ld = bijection.inverse(z)
+            logdet = logdet + ld
+        return z, logdet
+
+
+class NormalizingFlow(nn.Module):
+    """A density ``log p(x) = log N(f(x); 0, I) + log|det df/dx|``.
+
+    Args:
+        transform: the bijection ``f`` from data to latent space.
+        base: the latent distribution (a standard normal of the event shape).
+    """
+
+    def __init__(self, transform: Bijection, base: StandardNormal) -> None:
+        super().__init__()
+        self.transform = transform
+        self.base = base
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return self.base.event_shape
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` naming the mismatch if ``x`` is not a batch of events."""
+        if tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(
+                f"the flow models events of shape {self.event_shape} but got a batch of shape "
+                f"{tuple(x.shape)}; make the data's dimension match the model's (for toy data "
+                f"set model.features to the data's dimension)"
+            )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Map a batch ``(B, *event_shape)`` to ``(z, log|det dz/dx|)``."""
+        self.check_input(x)
+        return self.transform(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Map latents to data: ``(x, log|det dx/dz|)``."""
+        self.check_input(z)
+        return self.transform.inverse(z)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x)`` in nats, shape ``(B,)``."""
+        z, logdet = self(x)
+        return self.base.log_prob(z) + logdet
+
+    def sample(self, num_samples: int, temperature: float = 1.0) -> Tensor:
+        """Decode ``z ~ N(0, temperature^2 I)`` through the inverse: ``(num_samples, *event)``."""
+        z = self.base.sample(num_samples, temperature)
+        x, _ = self.inverse(z)
+        return x
