@@ -32,4 +32,5 @@ class StandardNormal(nn.Module):
     def sample(self, num_samples: int, temperature: float = 1.0) -> Tensor:
         """``z ~ N(0, temperature^2 I)``, shape ``(num_samples, *event_shape)``."""
         shape = (num_samples, *self.event_shape)
-        return temperature * torch.randn(shape, device=self._anchor.device, dtype=self._anchor.dtype)
+        anchor = self._anchor
+        return temperature * torch.randn(shape, device=anchor.device, dtype=anchor.dtype)

@@ -1,0 +1,69 @@
+"""Load a trained flow back from a checkpoint or run folder, using the run's own config."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from flows.core import NormalizingFlow
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A ``.ckpt`` file as given, or the best (else last) checkpoint of a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        folder = path / "checkpoints"
+        best = sorted(folder.glob("best-*.ckpt"))
+        candidates = best or sorted(folder.glob("last*.ckpt"))
+        if candidates:
+            return candidates[-1]
+        raise FileNotFoundError(f"run folder {path} holds no checkpoints/*.ckpt")
+    raise FileNotFoundError(
+        f"checkpoint {path} does not exist; pass ckpt=<run folder> or ckpt=<file.ckpt>"
+    )
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run folder of ``<run>/checkpoints/<name>.ckpt`` (it holds ``.hydra/config.yaml``)."""
+    run = checkpoint.resolve().parent.parent
+    if not (run / ".hydra" / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} is not inside a run folder (no {run}/.hydra/config.yaml); "
+            f"keep checkpoints in <run>/checkpoints/"
+        )
+    return run
+
+
+def load_run_config(run: Path) -> DictConfig:
+    return OmegaConf.load(run / ".hydra" / "config.yaml")
+
+
+def load_flow(checkpoint: Path, cfg: DictConfig) -> NormalizingFlow:
+    """Instantiate ``cfg.model`` and load the checkpoint's weights (``weights_only=True``)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(
+            f"cannot read checkpoint {checkpoint} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); it is truncated, corrupt or "
+            f"not a flows checkpoint"
+        ) from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ValueError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict')")
+    weights = {k.removeprefix("flow."): v for k, v in state["state_dict"].items()}
+    flow = instantiate(cfg.model)
+    missing, unexpected = flow.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not match the model in its run config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+            f"{(missing or unexpected)[0]!r})"
+        )
+    return flow.eval()

@@ -1,0 +1,92 @@
+"""Train a flow: ``python -m flows.train model=iresnet data=moons [key=value ...]``.
+
+Instantiates data, model, optimizer, trainer, callbacks and loggers from ``conf/``, fits,
+evaluates the best checkpoint on the test split and writes ``results.json`` into the run
+folder next to the plots, checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from flows.cli import user_errors, write_json
+from flows.data.entropy import TOY_ENTROPY
+from flows.lit.module import DensityModule
+
+log = logging.getLogger("flows")
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule]:
+    """Data (validated) and the system, before anything is written."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    flow = instantiate(cfg.model)
+    flow.check_input(datamodule.splits["train"][:2])
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return datamodule, DensityModule(flow, instantiate(cfg.optim), scheduler)
+
+
+def fit_and_test(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    datamodule, module = build(cfg)
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a file; give a .ckpt path")
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    wall_s = time.perf_counter() - start
+    choices = HydraConfig.get().runtime.choices
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    results: dict[str, Any] = {
+        "model": choices.get("model"),
+        "data": choices.get("data"),
+        "seed": cfg.seed,
+        "train_steps": trainer.global_step,
+        "wall_s": round(wall_s, 2),
+        "num_params": sum(p.numel() for p in module.flow.parameters()),
+        "val_nll": float(checkpoint.best_model_score) if best else None,
+        "best_ckpt": best or None,
+    }
+    if cfg.test:
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        results.update(module.test_result)
+        name = getattr(datamodule, "name", None)
+        if name in TOY_ENTROPY:
+            entropy, entropy_se = TOY_ENTROPY[name]
+            results.update(entropy=entropy, entropy_se=entropy_se,
+                           gap=results["test_nll"] - entropy)
+    write_json(run_dir / "results.json", results)
+    log.info("results: %s", results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point; returns the test NLL (so Hydra sweepers can optimise it)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    try:
+        with user_errors():
+            results = fit_and_test(cfg, run_dir)
+    except SystemExit:
+        if not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh folder holding nothing yet
+        raise
+    return results.get("test_nll")
+
+
+if __name__ == "__main__":
+    main()

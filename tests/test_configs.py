@@ -1,0 +1,75 @@
+"""Every model x data config composes, instantiates and computes a finite log-density."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+TOY_DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "file")
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def small_data(cfg):
+    with open_dict(cfg):
+        cfg.data.num_train, cfg.data.num_val, cfg.data.num_test = 256, 64, 64
+    return cfg
+
+
+def test_all_groups_have_options():
+    assert {"realnvp", "iresnet"} <= set(MODELS)
+    assert set(TOY_DATA) == {"moons", "8gaussians", "checkerboard", "2spirals", "rings",
+                             "pinwheel", "circles", "swissroll"}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("data", TOY_DATA)
+def test_model_data_pair_instantiates(model, data):
+    cfg = small_data(compose_train(f"model={model}", f"data={data}"))
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    flow = instantiate(cfg.model).eval()
+    x = datamodule.splits["train"][:32]
+    assert x.shape == (32, 2)
+    with torch.no_grad():
+        log_prob = flow.log_prob(x)
+        samples = flow.sample(8)
+    assert log_prob.shape == (32,) and torch.isfinite(log_prob).all()
+    assert samples.shape == (8, 2) and torch.isfinite(samples).all()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_configs_instantiate(experiment):
+    cfg = small_data(compose_train(f"experiment={experiment}"))
+    flow = instantiate(cfg.model)
+    assert sum(p.numel() for p in flow.parameters()) > 0
+
+
+def test_trainer_callbacks_loggers_instantiate(tmp_path):
+    cfg = compose_train(f"hydra.run.dir={tmp_path}")
+    HydraConfig.instance().set_config(cfg)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    assert trainer.max_steps == cfg.trainer.max_steps
+    assert instantiate(cfg.scheduler)(instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)]))
+
+
+@pytest.mark.parametrize("override", ["model=nosuchmodel", "data=nosuchdata"])
+def test_unknown_option_lists_the_valid_ones(override):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(override)
+    message = str(info.value)
+    assert "Available options" in message
+    assert ("realnvp" in message) if override.startswith("model") else ("moons" in message)

@@ -1,0 +1,21 @@
+import subprocess
+import sys
+
+LIBRARY = [
+    "flows", "flows.core", "flows.distributions", "flows.metrics", "flows.plots",
+    "flows.bijections.coupling", "flows.bijections.normalization", "flows.bijections.permutation",
+    "flows.bijections.residual", "flows.nn.mlp", "flows.nn.lipschitz", "flows.models.realnvp",
+    "flows.models.iresnet", "flows.data.toy", "flows.data.entropy",
+]
+
+
+def test_library_imports_without_lightning_or_hydra():
+    code = (
+        "import importlib, sys\n"
+        f"for name in {LIBRARY!r}: importlib.import_module(name)\n"
+        "glue = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'hydra', 'omegaconf'))\n"
+        "assert not glue, glue\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,122 @@
+"""The real command line, as a user runs it: train, evaluate, sample, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+FAST = ["trainer.max_steps=30", "data.num_train=4096", "data.num_val=1024",
+        "data.num_test=2048", "data.batch_size=256", "callbacks.plots.every_n_epochs=1",
+        "callbacks.plots.grid_points=40", "callbacks.plots.num_samples=500"]
+
+
+@pytest.fixture(scope="module", params=["realnvp", "iresnet"])
+def trained_run(request, tmp_path_factory):
+    """One short training run per model through ``python -m flows.train``."""
+    cwd = tmp_path_factory.mktemp(request.param)
+    run_dir = cwd / "run"
+    result = run_cli("flows.train", f"model={request.param}", "data=moons",
+                     f"hydra.run.dir={run_dir}", *FAST, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_run_folder_holds_results_plots_checkpoints_logs(trained_run):
+    results = json.loads((trained_run / "results.json").read_text())
+    for key in ("test_nll", "test_nll_se", "val_nll", "train_steps", "wall_s", "num_params",
+                "model", "data", "best_ckpt", "entropy", "gap"):
+        assert key in results, key
+    assert results["train_steps"] == 30 and results["data"] == "moons"
+    assert results["num_test"] == 2048
+    assert np.isfinite(results["test_nll"]) and 0 < results["test_nll_se"] < 0.1
+    assert results["gap"] == pytest.approx(results["test_nll"] - results["entropy"])
+    best = trained_run / "checkpoints" / results["best_ckpt"].split("/")[-1]
+    assert best.is_file() and (trained_run / "checkpoints" / "last.ckpt").is_file()
+    for kind in ("samples", "density", "latent"):
+        assert (trained_run / "plots" / "final" / f"{kind}.png").stat().st_size > 5000
+    assert any((trained_run / "plots").glob("step_*/density.png"))
+    assert (trained_run / "csv" / "metrics.csv").is_file()
+    assert any((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (trained_run / ".hydra" / "config.yaml").is_file()
+
+
+def test_checkpoint_loads_with_weights_only(trained_run):
+    state = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(key.startswith("flow.") for key in state["state_dict"])
+
+
+def test_evaluate_reproduces_the_test_nll(trained_run, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_cli("flows.evaluate", f"ckpt={trained_run}", f"out={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads(out.read_text())
+    results = json.loads((trained_run / "results.json").read_text())
+    assert evaluation["num_points"] == results["num_test"]
+    assert evaluation["nll"] == pytest.approx(results["test_nll"], abs=1e-4)
+
+
+def test_sample_writes_png_and_arrays(trained_run, tmp_path):
+    result = run_cli("flows.sample", f"ckpt={trained_run}", "n=300", "temperature=0.8",
+                     f"out={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    arrays = list(tmp_path.glob("*.npy"))
+    assert len(arrays) == 1 and list(tmp_path.glob("*.png")) and list(tmp_path.glob("*.pt"))
+    samples = np.load(arrays[0])
+    assert samples.shape == (300, 2) and np.isfinite(samples).all()
+
+
+def _nan_points(tmp_path):
+    points = np.random.default_rng(0).normal(size=(1000, 2))
+    points[17, 1] = np.nan
+    np.save(tmp_path / "points.npy", points)
+    return ["data=file", f"data.path={tmp_path / 'points.npy'}", "data.features=2"]
+
+
+BAD_INPUT = [
+    # (overrides, text the one-line error must contain)
+    (["nosuchkey=1"], "nosuchkey"),
+    (["model=nosuchmodel"], "realnvp"),
+    (["trainer.max_steps=abc"], "max_steps"),
+    (["model=iresnet", "model.lipschitz_coeff=1.0"], "(0, 1)"),
+    (["model=iresnet", "model.lipschitz_coeff=0"], "(0, 1)"),
+    (["model.features=3"], "(3,)"),
+    ("nan-data", "NaN"),
+    (["ckpt_path=/no/such/file.ckpt"], "/no/such/file.ckpt"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_INPUT)
+def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expected, tmp_path):
+    if overrides == "nan-data":
+        overrides = _nan_points(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("flows.train", *overrides, *FAST, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr, result.stderr[-2000:]
+    leftovers = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()] \
+        if (tmp_path / "outputs").exists() else []
+    assert leftovers == [], leftovers
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs") == before
+
+
+@pytest.mark.parametrize("command", ["flows.evaluate", "flows.sample"])
+def test_missing_checkpoint_is_one_line(command, tmp_path):
+    result = run_cli(command, f"ckpt={tmp_path / 'nope.ckpt'}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
+
+
+def test_truncated_checkpoint_is_refused(trained_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text((trained_run / ".hydra" / "config.yaml").read_text())
+    data = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
+    (run / "checkpoints" / "last.ckpt").write_bytes(data[: len(data) // 2])
+    result = run_cli("flows.evaluate", f"ckpt={run}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "truncated, corrupt" in result.stderr
