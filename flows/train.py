@@ -7,6 +7,7 @@ folder next to the plots, checkpoints and logs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -19,47 +20,58 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from flows.cli import user_errors, write_json
+from flows.cli import check_config_types, user_errors, write_json
 from flows.data.entropy import TOY_ENTROPY
-from flows.lit.module import DensityModule
+from flows.lit.module import DensityModule, NonFiniteError
 
 log = logging.getLogger("flows")
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule]:
-    """Data (validated) and the system, before anything is written."""
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trainer]:
+    """Data (validated), the system and the trainer, before anything is written."""
+    check_config_types(cfg)
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a file; give a .ckpt path")
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     flow = instantiate(cfg.model)
     flow.check_input(datamodule.splits["train"][:2])
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return datamodule, DensityModule(flow, instantiate(cfg.optim), scheduler)
-
-
-def fit_and_test(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    datamodule, module = build(cfg)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a file; give a .ckpt path")
+    module = DensityModule(flow, instantiate(cfg.optim), scheduler)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, module, trainer
 
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    wall_s = time.perf_counter() - start
+
+def fit_and_test(cfg: DictConfig, run_dir: Path, datamodule: L.LightningDataModule,
+                 module: DensityModule, trainer: L.Trainer) -> dict[str, Any]:
+    """Fit, test the best checkpoint, write ``results.json``; a failure is recorded there too."""
     choices = HydraConfig.get().runtime.choices
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None else ""
     results: dict[str, Any] = {
         "model": choices.get("model"),
         "data": choices.get("data"),
         "seed": cfg.seed,
-        "train_steps": trainer.global_step,
-        "wall_s": round(wall_s, 2),
         "num_params": sum(p.numel() for p in module.flow.parameters()),
-        "val_nll": float(checkpoint.best_model_score) if best else None,
-        "best_ckpt": best or None,
     }
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except NonFiniteError as error:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        results.update(status="failed", error=str(error), train_steps=trainer.global_step,
+                       last_good_ckpt=str(last) if last.is_file() else None)
+        write_json(run_dir / "results.json", results)
+        raise
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    results.update(
+        status="finished",
+        train_steps=trainer.global_step,
+        wall_s=round(time.perf_counter() - start, 2),
+        val_nll=float(checkpoint.best_model_score) if best else None,
+        best_ckpt=best or None,
+    )
     if cfg.test:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results.update(module.test_result)
@@ -80,11 +92,14 @@ def main(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     try:
         with user_errors():
-            results = fit_and_test(cfg, run_dir)
-    except SystemExit:
-        if not (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh folder holding nothing yet
+            parts = build(cfg)
+    except SystemExit:  # bad input: remove the fresh, still empty run folder
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()  # and its group folder, if nothing else is in it
         raise
+    with user_errors():
+        results = fit_and_test(cfg, run_dir, *parts)
     return results.get("test_nll")
 
 
