@@ -1,0 +1,69 @@
+"""The Lightning system: the loss is the NLL, and a non-finite loss stops training loudly."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from flows.bijections.normalization import ActNorm
+from flows.core import Bijection, NormalizingFlow
+from flows.data.datamodules import ToyDataModule
+from flows.distributions import StandardNormal
+from flows.lit.module import DensityModule, NonFiniteError
+
+
+class BreaksAfter(Bijection):
+    """Identity plus a learnable shift whose log-det turns NaN after ``calls`` forwards."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.zeros(2))
+        self.calls, self.count = calls, 0
+
+    def forward(self, x):
+        self.count += self.training
+        logdet = x.new_zeros(x.shape[0])
+        return x + self.shift, logdet + (math.nan if self.count > self.calls else 0.0)
+
+    def inverse(self, z):
+        return z - self.shift, z.new_zeros(z.shape[0])
+
+
+def small_toy(**kwargs):
+    return ToyDataModule("moons", num_train=2048, num_val=512, num_test=1024, batch_size=256,
+                         **kwargs)
+
+
+def trainer(tmp_path, **kwargs):
+    return L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     inference_mode=False, **kwargs)
+
+
+def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    flow = NormalizingFlow(BreaksAfter(calls=5), StandardNormal((2,)))
+    module = DensityModule(flow, lambda p: torch.optim.SGD(p, lr=0.01))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2,
+                                  save_last=True, save_top_k=-1)
+    with pytest.raises(NonFiniteError, match="at step 5 "):
+        trainer(tmp_path, max_steps=20, callbacks=[checkpoints]).fit(module, small_toy())
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_test_nll_and_standard_error_match_direct_computation(tmp_path):
+    flow = NormalizingFlow(ActNorm(2), StandardNormal((2,)))
+    module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=1e-2))
+    data = small_toy(eval_batch_size=100)  # several test batches: the gather must be exact
+    fit = trainer(tmp_path, max_steps=10, num_sanity_val_steps=0)
+    fit.fit(module, data)
+    fit.test(module, data, verbose=False)
+    with torch.no_grad():
+        nll = -flow.eval().log_prob(data.splits["test"]).double()
+    assert module.test_result["num_test"] == 1024
+    assert module.test_result["test_nll"] == pytest.approx(nll.mean().item(), abs=1e-6)
+    assert module.test_result["test_nll_se"] == pytest.approx(
+        nll.std().item() / math.sqrt(1024), rel=1e-6)
