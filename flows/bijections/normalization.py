@@ -59,3 +59,71 @@ class ActNorm(Bijection):
         x = z * _broadcast(torch.exp(self.log_scale), z) + _broadcast(self.shift, z)
         logdet = self.log_scale.sum() * _spatial_size(z)
         return x, logdet.expand(z.shape[0])
+
+
+class BatchNorm(Bijection):
+    """Real NVP batch normalisation ``z = (x - mu) / sqrt(var + eps) * exp(log_gamma) + beta``.
+
+    Acts on dim 1 of ``(B, C)`` or ``(B, C, *spatial)``, with statistics over the batch and
+    spatial dims and parameters shared over spatial positions, so
+    ``log|det dz/dx| = H*W * sum_c (log_gamma_c - 0.5 log(var_c + eps))``, shape ``(B,)``.
+
+    Training mode normalises with the batch mean and (biased) variance and moves the running
+    statistics towards them, ``running <- (1 - momentum) running + momentum batch`` (unbiased
+    variance, as ``torch.nn.BatchNorm1d``). The log-det then treats the batch statistics as
+    constants: it is the per-sample Jacobian of the standard Real NVP convention, not the
+    Jacobian of the whole batch map (which couples samples). Eval mode uses the running
+    statistics and is an exact per-sample bijection; this is the mode ``check_bijection``
+    tests. ``inverse`` always uses the running statistics, so sampling works in either mode
+    (in training mode it is therefore not the exact inverse of that batch's ``forward``).
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, Density estimation using Real NVP (2017), sec. 3.7,
+        https://arxiv.org/abs/1605.08803
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if not 0 < momentum <= 1 or eps <= 0:
+            raise ValueError(
+                f"BatchNorm needs 0 < momentum <= 1 and eps > 0, got momentum={momentum}, "
+                f"eps={eps}"
+            )
+        self.momentum = momentum
+        self.eps = eps
+        self.log_gamma = nn.Parameter(torch.zeros(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch ``(mean, biased var)`` per feature; updates the running statistics."""
+        values = x.transpose(0, 1).flatten(1)
+        var, mean = torch.var_mean(values, dim=1, unbiased=False)
+        with torch.no_grad():
+            count = values.shape[1]
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+        return mean, var
+
+    def _log_scale(self, var: Tensor) -> Tensor:
+        """Per-feature ``log dz/dx = log_gamma - 0.5 log(var + eps)``, shape ``(C,)``."""
+        return self.log_gamma - 0.5 * torch.log(var + self.eps)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training:
+            mean, var = self._batch_statistics(x)
+        else:
+            mean, var = self.running_mean, self.running_var
+        log_scale = self._log_scale(var)
+        z = (x - _broadcast(mean, x)) * _broadcast(torch.exp(log_scale), x)
+        z = z + _broadcast(self.beta, x)
+        logdet = log_scale.sum() * _spatial_size(x)
+        return z, logdet.expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        log_scale = self._log_scale(self.running_var)
+        x = (z - _broadcast(self.beta, z)) * _broadcast(torch.exp(-log_scale), z)
+        x = x + _broadcast(self.running_mean, z)
+        logdet = -log_scale.sum() * _spatial_size(z)
+        return x, logdet.expand(z.shape[0])
