@@ -1,0 +1,293 @@
+"""i-ResNet: spectral norm, Lipschitz MLP, residual block and model, against mathematics."""
+
+import math
+
+import pytest
+import torch
+
+from flows.bijections.residual import ResidualBlock, logdet_exact, logdet_power_series
+from flows.models.iresnet import IResNet
+from flows.nn.lipschitz import (
+    ELU,
+    LipschitzMLP,
+    LipSwish,
+    SpectralNormalization,
+    power_iterate_,
+    spectral_norm_,
+    spectral_norms,
+)
+from tests.checks import check_bijection, perturb_
+
+TIGHT = {"inverse_atol": 1e-12, "inverse_rtol": 1e-12}
+
+
+def make_net(features=2, hidden=16, num_hidden=2, activation="lipswish", coeff=0.9, seed=0):
+    """A perturbed MLP whose power iteration has converged (so ``Lip(g) <= c^L`` holds)."""
+    torch.manual_seed(seed)
+    net = perturb_(LipschitzMLP(features, hidden, num_hidden, activation, coeff), seed=seed)
+    net = net.double()
+    power_iterate_(net, rtol=1e-13)
+    return net.eval()
+
+
+def truncated_series(jac, num_terms):
+    """``sum_{k=1}^{n} (-1)^(k+1) tr(J^k) / k`` from materialised Jacobians ``(B, D, D)``."""
+    total, power = jac.new_zeros(jac.shape[0]), torch.eye(jac.shape[-1], dtype=jac.dtype)
+    for k in range(1, num_terms + 1):
+        power = power @ jac
+        total = total + (-1) ** (k + 1) / k * torch.diagonal(power, dim1=1, dim2=2).sum(1)
+    return total
+
+
+# Spectral normalisation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coeff", [1.0, 1.5, 0.0, -0.5])
+def test_lipschitz_coefficient_outside_unit_interval_raises(coeff):
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\).*fixed-point"):
+        LipschitzMLP(2, 8, 1, coeff=coeff)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+        SpectralNormalization(torch.randn(3, 3), coeff=coeff)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+        IResNet(2, num_blocks=1, lipschitz_coeff=coeff)
+
+
+def test_training_forwards_bound_spectral_norm_from_large_init():
+    """Power iteration inside training forwards alone brings every sigma(W_hat) to <= c."""
+    torch.manual_seed(0)
+    net = perturb_(LipschitzMLP(2, 32, 2, "elu", coeff=0.7), scale=2.0).double().train()
+    originals = [lin.parametrizations.weight.original for lin in net.linears]
+    raw = [torch.linalg.matrix_norm(w, 2) for w in originals]
+    assert min(raw) > 5.0  # far above c: the normalisation is active
+    x = torch.randn(16, 2, dtype=torch.float64)
+    for _ in range(200):
+        net(x)
+    with torch.no_grad():
+        for lin, sigma in zip(net.linears, raw, strict=True):
+            bound = torch.linalg.matrix_norm(lin.weight, 2)
+            assert bound <= 0.7 * (1 + 1e-9)
+            assert bound >= 0.7 * (1 - 1e-6)  # scaled to c, not below: sigma_hat -> sigma
+            torch.testing.assert_close(spectral_norms(lin)["weight"], sigma, rtol=1e-9, atol=0.0)
+
+
+def test_eval_mode_does_not_update_power_iteration():
+    net = perturb_(LipschitzMLP(2, 8, 1)).eval()
+    before = [buf.clone() for buf in net.buffers()]
+    net(torch.randn(4, 2))
+    net.forward_with_jacobian(torch.randn(4, 2))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.buffers(), strict=True))
+    net.train()(torch.randn(4, 2))
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.buffers(), strict=True))
+
+
+def test_small_weights_are_not_rescaled():
+    layer = torch.nn.Linear(4, 4).double()
+    with torch.no_grad():
+        layer.weight.mul_(0.1 / torch.linalg.matrix_norm(layer.weight, 2))
+    raw = layer.weight.detach().clone()
+    spectral_norm_(layer, coeff=0.9)
+    torch.testing.assert_close(layer.eval().weight, raw)
+
+
+def test_power_iterate_converges_and_reports_sigma():
+    net = make_net(hidden=24, activation="elu")
+    for name, sigma in spectral_norms(net).items():
+        module = net.get_submodule(name.rsplit(".", 1)[0])
+        exact = torch.linalg.matrix_norm(module.parametrizations.weight.original, 2)
+        torch.testing.assert_close(sigma, exact, rtol=1e-9, atol=0.0)
+
+
+# Activations and the Lipschitz MLP ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", [ELU(), LipSwish()])
+def test_activation_derivative_closed_form_and_bound(activation):
+    activation = activation.double()
+    if isinstance(activation, LipSwish):
+        with torch.no_grad():
+            activation.raw_beta.fill_(2.0)
+    h = torch.linspace(-8, 8, 4001, dtype=torch.float64, requires_grad=True)
+    out, slope = activation.forward_with_derivative(h)
+    (autograd_slope,) = torch.autograd.grad(activation(h).sum(), h)
+    torch.testing.assert_close(out, activation(h))
+    torch.testing.assert_close(slope, autograd_slope)
+    assert slope.abs().max() <= 1.0
+    if isinstance(activation, LipSwish):
+        assert slope.max() > 0.99  # max |d/dh swish| = 1.0998: the 1/1.1 is tight
+
+
+@pytest.mark.parametrize(("activation", "num_hidden"), [("elu", 2), ("lipswish", 2), ("elu", 0)])
+def test_forward_with_jacobian_matches_jacrev(activation, num_hidden):
+    net = make_net(features=3, num_hidden=num_hidden, activation=activation)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    gx, jac = net.forward_with_jacobian(x)
+    expected = torch.func.vmap(torch.func.jacrev(net))(x)
+    torch.testing.assert_close(gx, net(x))
+    torch.testing.assert_close(jac, expected)
+
+
+def test_forward_with_jacobian_normalises_each_weight_once():
+    net = LipschitzMLP(2, 8, 2).train()
+    calls = []
+    for module in net.modules():
+        if isinstance(module, SpectralNormalization):
+            module.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    net.forward_with_jacobian(torch.randn(4, 2))
+    assert len(calls) == 3 and len(set(map(id, calls))) == 3
+
+
+@pytest.mark.parametrize("activation", ["elu", "lipswish"])
+@pytest.mark.parametrize("num_hidden", [0, 2])
+def test_mlp_lipschitz_bound_on_random_pairs(activation, num_hidden):
+    net = make_net(features=2, hidden=32, num_hidden=num_hidden, activation=activation, coeff=0.9)
+    torch.manual_seed(1)
+    x = torch.randn(4096, 2, dtype=torch.float64) * 3
+    y = x + torch.randn_like(x) * torch.rand(4096, 1, dtype=torch.float64)  # near and far
+    ratio = (net(x) - net(y)).norm(dim=1) / (x - y).norm(dim=1)
+    bound = 0.9 ** (num_hidden + 1)
+    assert ratio.max() <= bound + 1e-12
+    if num_hidden == 0:  # a single normalised linear attains its bound c
+        assert ratio.max() >= bound * (1 - 1e-4)
+
+
+# Log-det estimators -------------------------------------------------------------------------
+
+
+def test_exact_logdet_closed_form_matches_slogdet():
+    jac = 0.3 * torch.randn(6, 2, 2, dtype=torch.float64)
+    expected = torch.linalg.slogdet(torch.eye(2, dtype=torch.float64) + jac).logabsdet
+    torch.testing.assert_close(logdet_exact(jac), expected)
+
+
+def test_long_series_matches_slogdet():
+    """With Lip(g) <= 0.9^3 and 80 terms the truncation error is ~0.73^81 / (1 - 0.73) < 1e-10."""
+    net = make_net(features=3, hidden=16, coeff=0.9, activation="elu")
+    x = torch.randn(8, 3, dtype=torch.float64) * 2
+    _, jac = net.forward_with_jacobian(x)
+    expected = torch.linalg.slogdet(torch.eye(3, dtype=torch.float64) + jac).logabsdet
+    torch.testing.assert_close(truncated_series(jac, 80), expected, atol=1e-9, rtol=0)
+    # With 3 terms the series visibly differs: the comparison above is not vacuous.
+    assert (truncated_series(jac, 3) - expected).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
+def test_hutchinson_mean_matches_truncated_series(probe):
+    net = make_net(features=3, hidden=16, coeff=0.9)
+    x = torch.randn(4, 3, dtype=torch.float64).requires_grad_(True)
+    _, jac = net.forward_with_jacobian(x)
+    expected = truncated_series(jac.detach(), 4)
+    torch.manual_seed(0)
+    gx, samples = logdet_power_series(net, x, 4, num_probes=4000, probe=probe, create_graph=False)
+    torch.testing.assert_close(gx, net(x))
+    assert samples.shape == (4000, 4)
+    stderr = samples.std(0) / math.sqrt(samples.shape[0])
+    assert ((samples.mean(0) - expected).abs() <= 4 * stderr).all()
+    assert (stderr < 0.05 * expected.abs().max()).all()  # the test has power
+
+
+def test_series_gradient_reaches_parameters_and_matches_explicit_estimate():
+    """The training estimate v^T sum_k (-J)^(k-1) J v / k differentiates like its formula."""
+    net = make_net(features=2, hidden=16).train()
+    block = ResidualBlock(net, logdet="series", num_terms=5, num_probes=1).train()
+    x = torch.randn(6, 2, dtype=torch.float64)
+    torch.manual_seed(3)
+    _, logdet = block(x)
+    # Every parameter but the output bias (J does not depend on it) moves the log-det.
+    params = [p for name, p in net.named_parameters() if name != "linears.2.bias"]
+    grads = torch.autograd.grad(logdet.sum(), params)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+    torch.manual_seed(3)
+    v = torch.randn_like(x)
+    net.eval()  # same weights (power iteration already converged), no further update
+    _, jac = net.forward_with_jacobian(x)
+    w, explicit = v, x.new_zeros(6)
+    for k in range(1, 6):
+        w = torch.einsum("bi,bij->bj", w, jac)
+        explicit = explicit + (-1) ** (k + 1) / k * (w * v).sum(1)
+    torch.testing.assert_close(logdet, explicit, rtol=1e-9, atol=1e-12)
+    expected = torch.autograd.grad(explicit.sum(), params)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
+
+
+def test_series_in_eval_under_no_grad_is_detached_and_accurate():
+    net = make_net(features=3, hidden=16, coeff=0.5)
+    block = ResidualBlock(net, logdet="series", eval_num_terms=20, eval_num_probes=2000).eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        z, logdet = block(x)
+    assert not z.requires_grad and not logdet.requires_grad
+    _, jac = net.forward_with_jacobian(x)
+    expected = torch.linalg.slogdet(torch.eye(3, dtype=torch.float64) + jac).logabsdet
+    torch.testing.assert_close(logdet, expected.detach(), atol=0.02, rtol=0)
+    with torch.inference_mode():  # Lightning's default for validation and test
+        z_inference, logdet_inference = block(x)
+    torch.testing.assert_close(z_inference, z)
+    torch.testing.assert_close(logdet_inference, expected.detach(), atol=0.02, rtol=0)
+
+
+def test_auto_logdet_is_exact_in_2d_and_series_above():
+    block = ResidualBlock(LipschitzMLP(2, 8, 1))
+    assert block.uses_exact(torch.zeros(1, 2))
+    assert not block.uses_exact(torch.zeros(1, 3))
+
+
+# Bijection contract and inverse -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["elu", "lipswish"])
+def test_residual_block_bijection(activation):
+    block = ResidualBlock(make_net(activation=activation), **TIGHT)
+    check_bijection(block, 2 * torch.randn(6, 2))
+    assert 1 < block.last_inverse_iterations < block.inverse_max_iterations
+
+
+def test_residual_block_bijection_3d_slogdet():
+    block = ResidualBlock(make_net(features=3), logdet="exact", **TIGHT)
+    check_bijection(block, torch.randn(5, 3))
+
+
+def test_iresnet_bijection_and_log_prob():
+    torch.manual_seed(0)
+    model = perturb_(IResNet(2, num_blocks=3, hidden_features=16, **TIGHT), scale=0.5)
+    power_iterate_(model, rtol=1e-12)
+    check_bijection(model, torch.randn(5, 2))
+    x = torch.randn(7, 2, dtype=torch.float64)
+    z, logdet = model(x)
+    torch.testing.assert_close(model.log_prob(x), model.base.log_prob(z) + logdet)
+
+
+def test_fixed_point_inverse_meets_tolerance_and_reports():
+    block = ResidualBlock(make_net().float(), inverse_atol=1e-5, inverse_rtol=1e-5).eval()
+    x = 3 * torch.randn(256, 2)
+    with torch.no_grad():
+        z, _ = block(x)
+        x_back, _ = block.inverse(z)
+    assert 1 < block.last_inverse_iterations < 200
+    assert block.last_inverse_residual <= 1e-4
+    torch.testing.assert_close(x_back, x, atol=1e-4, rtol=1e-4)
+
+
+def test_fixed_point_inverse_warns_when_cap_is_hit():
+    block = ResidualBlock(make_net(), inverse_max_iterations=2).eval()
+    z = 3 * torch.randn(8, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="did not converge.*after 2 fixed-point"):
+        block.inverse(z)
+    assert block.last_inverse_iterations == 2
+    assert block.last_inverse_residual > 10 * block.inverse_atol
+
+
+def test_training_step_and_sampling_smoke():
+    torch.manual_seed(0)
+    for logdet in ["exact", "series"]:
+        model = IResNet(2, num_blocks=2, hidden_features=16, logdet=logdet).train()
+        x = torch.randn(64, 2)
+        loss = -model.log_prob(x).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None for p in model.parameters())
+        model.eval()
+        with torch.no_grad():
+            samples = model.sample(32)
+        assert samples.shape == (32, 2) and torch.isfinite(samples).all()
