@@ -57,7 +57,9 @@ def test_experiment_configs_instantiate(experiment):
 
 
 def test_trainer_callbacks_loggers_instantiate(tmp_path):
-    cfg = compose_train(f"hydra.run.dir={tmp_path}")
+    cfg = compose_train()
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)  # set by @hydra.main in a real run
     HydraConfig.instance().set_config(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()]

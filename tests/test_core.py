@@ -65,9 +65,9 @@ def test_flow_log_prob_of_affine_gaussian_is_closed_form():
         layer.log_scale.copy_(torch.log(torch.tensor([2.0, 0.5])))
     flow = NormalizingFlow(layer, StandardNormal((2,))).double().eval()
     x = torch.randn(7, 2, dtype=torch.float64)
-    expected = torch.distributions.Normal(
-        torch.tensor([1.0, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64)
-    ).log_prob(x).sum(1)
+    mean = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    std = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    expected = torch.distributions.Normal(mean, std).log_prob(x).sum(1)
     torch.testing.assert_close(flow.log_prob(x), expected)
     assert math.isclose(flow.base.num_dims, 2)
 

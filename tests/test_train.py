@@ -68,9 +68,10 @@ def test_sample_writes_png_and_arrays(trained_run, tmp_path):
     assert samples.shape == (300, 2) and np.isfinite(samples).all()
 
 
-def _nan_points(tmp_path):
-    points = np.random.default_rng(0).normal(size=(1000, 2))
-    points[17, 1] = np.nan
+def _file_data(tmp_path, dims=2, nan=False):
+    points = np.random.default_rng(0).normal(size=(1000, dims))
+    if nan:
+        points[17, 1] = np.nan
     np.save(tmp_path / "points.npy", points)
     return ["data=file", f"data.path={tmp_path / 'points.npy'}", "data.features=2"]
 
@@ -84,16 +85,20 @@ BAD_INPUT = [
     (["model=iresnet", "model.lipschitz_coeff=0"], "(0, 1)"),
     (["model.features=3"], "(3,)"),
     ("nan-data", "NaN"),
+    ("3d-data", "3 features"),
     (["ckpt_path=/no/such/file.ckpt"], "/no/such/file.ckpt"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD_INPUT)
 def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expected, tmp_path):
-    if overrides == "nan-data":
-        overrides = _nan_points(tmp_path)
+    fast = FAST
+    if overrides in ("nan-data", "3d-data"):
+        overrides = _file_data(tmp_path, dims=3 if overrides == "3d-data" else 2,
+                               nan=overrides == "nan-data")
+        fast = [o for o in FAST if not o.startswith("data.")]
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run_cli("flows.train", *overrides, *FAST, cwd=tmp_path)
+    result = run_cli("flows.train", *fast, *overrides, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert expected in result.stderr, result.stderr[-2000:]
@@ -114,7 +119,8 @@ def test_truncated_checkpoint_is_refused(trained_run, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text((trained_run / ".hydra" / "config.yaml").read_text())
+    config = (trained_run / ".hydra" / "config.yaml").read_text()
+    (run / ".hydra" / "config.yaml").write_text(config)
     data = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
     (run / "checkpoints" / "last.ckpt").write_bytes(data[: len(data) // 2])
     result = run_cli("flows.evaluate", f"ckpt={run}", cwd=tmp_path)
