@@ -126,3 +126,16 @@ def test_truncated_checkpoint_is_refused(trained_run, tmp_path):
     result = run_cli("flows.evaluate", f"ckpt={run}", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "truncated, corrupt" in result.stderr
+
+
+def test_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
+    result = run_cli("flows.train", "-m", "model=realnvp,nice", "data=moons",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks=none", "logger=csv",
+                     "trainer.max_steps=5", "test=false", "data.num_train=2048",
+                     "data.num_val=512", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert folders == ["0-realnvp-moons", "1-nice-moons"]
+    for folder in folders:
+        results = json.loads((tmp_path / "sweep" / folder / "results.json").read_text())
+        assert results["model"] == folder.split("-")[1] and results["train_steps"] == 5
