@@ -18,23 +18,14 @@ from omegaconf import DictConfig
 from flows.cli import user_errors, write_json
 from flows.data.entropy import TOY_ENTROPY
 from flows.metrics import nll_with_standard_error
-from flows.runs import find_checkpoint, load_flow, load_run_config, run_folder
+from flows.runs import load_trained
 
 log = logging.getLogger("flows")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def evaluate(cfg: DictConfig) -> dict:
-    checkpoint = find_checkpoint(cfg.ckpt)
-    run = run_folder(checkpoint)
-    run_cfg = load_run_config(run)
-    device = pick_device(cfg.device)
-    flow = load_flow(checkpoint, run_cfg).to(device)
+    flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
+    device = next(flow.parameters()).device
     datamodule = instantiate(run_cfg.data)
     datamodule.setup()
     if cfg.split not in datamodule.splits:

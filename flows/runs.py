@@ -67,3 +67,19 @@ def load_flow(checkpoint: Path, cfg: DictConfig) -> NormalizingFlow:
             f"{(missing or unexpected)[0]!r})"
         )
     return flow.eval()
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; otherwise a torch device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_trained(path: str | Path, device: str = "auto") -> tuple[NormalizingFlow, DictConfig,
+                                                                     Path, Path]:
+    """``(flow in eval mode on device, the run's config, run folder, checkpoint file)``."""
+    checkpoint = find_checkpoint(path)
+    run = run_folder(checkpoint)
+    run_cfg = load_run_config(run)
+    return load_flow(checkpoint, run_cfg).to(pick_device(device)), run_cfg, run, checkpoint

@@ -17,9 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from flows.cli import user_errors
-from flows.evaluate import pick_device
 from flows.plots import plot_samples
-from flows.runs import find_checkpoint, load_flow, load_run_config, run_folder
+from flows.runs import load_trained
 
 log = logging.getLogger("flows")
 
@@ -28,11 +27,7 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.n < 1 or cfg.temperature <= 0:
         raise ValueError(f"need n >= 1 and temperature > 0, got n={cfg.n}, "
                          f"temperature={cfg.temperature}")
-    checkpoint = find_checkpoint(cfg.ckpt)
-    run = run_folder(checkpoint)
-    run_cfg = load_run_config(run)
-    device = pick_device(cfg.device)
-    flow = load_flow(checkpoint, run_cfg).to(device)
+    flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
         samples = flow.sample(cfg.n, cfg.temperature).cpu()
