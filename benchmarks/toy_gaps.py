@@ -52,7 +52,8 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     header = (f"Command: `python benchmarks/toy_gaps.py {' '.join(sys.argv[1:])}`\n"
-              f"(2 CPU cores; wall time includes validation, plots and checkpoints)\n\n")
+              f"(2 CPU cores. wall s: `trainer.fit`, i.e. training, validation, periodic plots "
+              f"and checkpoints; the whole command adds start-up and the test pass.)\n\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(header + "\n".join(rows) + "\n")
 
