@@ -65,11 +65,14 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, datamodule: L.LightningDataModu
         raise
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
+    score = checkpoint.best_model_score if checkpoint is not None else None
+    if score is None:  # no monitored checkpoint (callbacks=none): the last validation
+        score = trainer.callback_metrics.get("val/nll")
     results.update(
         status="finished",
         train_steps=trainer.global_step,
         wall_s=round(time.perf_counter() - start, 2),
-        val_nll=float(checkpoint.best_model_score) if best else None,
+        val_nll=None if score is None else float(score),
         best_ckpt=best or None,
     )
     if cfg.test:
