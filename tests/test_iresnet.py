@@ -1,17 +1,20 @@
 """i-ResNet: spectral norm, Lipschitz MLP, residual block and model, against mathematics."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
-from flows.bijections.residual import ResidualBlock, logdet_exact, logdet_power_series
+from flows.bijections.residual import ResidualBlock, logdet_power_series
 from flows.models.iresnet import IResNet
+from flows.nn.compile import CompiledOrEager
 from flows.nn.lipschitz import (
     ELU,
     LipschitzMLP,
     LipSwish,
     SpectralNormalization,
+    logdet_exact,
     power_iterate_,
     spectral_norm_,
     spectral_norms,
@@ -291,3 +294,48 @@ def test_training_step_and_sampling_smoke():
         with torch.no_grad():
             samples = model.sample(32)
         assert samples.shape == (32, 2) and torch.isfinite(samples).all()
+
+
+# torch.compile ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["elu", "lipswish"])
+def test_compiled_block_matches_eager(activation):
+    """The compiled exact forward gives the eager values, gradients and power-iteration state."""
+    models = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        models.append(perturb_(IResNet(2, num_blocks=2, hidden_features=16, activation=activation,
+                                       compile=compile_), scale=0.5).train())
+    x = torch.randn(37, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+        results = []
+        for model in models:
+            log_prob = model.log_prob(x)
+            grads = torch.autograd.grad(log_prob.sum(), list(model.parameters()))
+            model.eval()
+            with torch.no_grad():
+                results.append((log_prob, grads, model.log_prob(x[:5]), model.state_dict()))
+    (lp, grads, lp_eval, state), (lp_c, grads_c, lp_eval_c, state_c) = results
+    torch.testing.assert_close(lp_c, lp)
+    torch.testing.assert_close(lp_eval_c, lp_eval)
+    for got, want in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(got, want)
+    for name, value in state.items():  # includes every u and v, updated by the forward
+        torch.testing.assert_close(state_c[name], value, msg=name)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning():
+    def double(x):
+        return 2 * x
+
+    def broken_compiler(x):
+        raise RuntimeError("no C++ compiler found")
+
+    function = CompiledOrEager(double)
+    function.compiled = broken_compiler
+    with pytest.warns(RuntimeWarning, match="torch.compile failed for .*double.*no C\\+\\+ comp"):
+        assert function(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert function.compiled is None  # later calls go straight to eager
+    assert function(torch.ones(1)).tolist() == [2.0]

@@ -67,3 +67,21 @@ def test_test_nll_and_standard_error_match_direct_computation(tmp_path):
     assert module.test_result["test_nll"] == pytest.approx(nll.mean().item(), abs=1e-6)
     assert module.test_result["test_nll_se"] == pytest.approx(
         nll.std().item() / math.sqrt(1024), rel=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_bounds_the_step(tmp_path, algorithm):
+    """One SGD step with lr 1 moves the parameters by exactly the clipped gradient."""
+    shift = BreaksAfter(calls=10**9)
+    module = DensityModule(NormalizingFlow(shift, StandardNormal((2,))),
+                           lambda p: torch.optim.SGD(p, lr=1.0))
+    fit = trainer(tmp_path, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0,
+                  gradient_clip_val=1e-3, gradient_clip_algorithm=algorithm)
+    fit.fit(module, small_toy())
+    step = shift.shift.detach()  # started at zero
+    unclipped = fit.callback_metrics["train/grad_norm"]
+    assert unclipped > 0.1  # the moons mean: clipping really acts
+    if algorithm == "norm":
+        assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)
+    else:
+        torch.testing.assert_close(step.abs(), torch.full((2,), 1e-3))

@@ -26,21 +26,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from flows.core import Bijection
+from flows.nn.lipschitz import logdet_exact
 
 LOGDET_MODES = ("auto", "exact", "series")
 PROBES = ("gaussian", "rademacher")
-
-
-def logdet_exact(jac: Tensor) -> Tensor:
-    """``log|det(I + J)|`` for ``J`` of shape ``(B, D, D)``; closed forms for ``D <= 2``."""
-    features = jac.shape[-1]
-    if features == 1:
-        return torch.log(torch.abs(1.0 + jac[:, 0, 0]))
-    if features == 2:
-        a, b, c, d = jac.flatten(1).unbind(1)
-        return torch.log(torch.abs((1.0 + a) * (1.0 + d) - b * c))
-    eye = torch.eye(features, dtype=jac.dtype, device=jac.device)
-    return torch.linalg.slogdet(eye + jac).logabsdet
 
 
 def sample_probes(like: Tensor, probe: str) -> Tensor:
@@ -173,10 +162,13 @@ class ResidualBlock(Bijection):
         return self.logdet == "exact"
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.uses_exact(x):
-            gx, jac = self.net.forward_with_jacobian(x)
-            return x + gx, logdet_exact(jac)
-        return self._forward_series(x)
+        if not self.uses_exact(x):
+            return self._forward_series(x)
+        if hasattr(self.net, "forward_with_logdet"):
+            gx, logdet = self.net.forward_with_logdet(x)
+            return x + gx, logdet
+        gx, jac = self.net.forward_with_jacobian(x)
+        return x + gx, logdet_exact(jac)
 
     def _forward_series(self, x: Tensor) -> tuple[Tensor, Tensor]:
         caller_grad = torch.is_grad_enabled()

@@ -55,15 +55,28 @@ class DensityModule(L.LightningModule):
         self.log("train/nll", loss, prog_bar=True)
         return loss
 
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
+    def configure_gradient_clipping(self, optimizer: Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Check and log the total gradient norm, then clip with that same norm.
+
+        Lightning calls this after every backward (the gradients are unscaled under mixed
+        precision); computing the norm once serves the NaN check, the log and norm clipping.
+        """
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(norm):
             raise NonFiniteError(
                 f"gradient norm became {norm.item()} at step {self.global_step} with a finite "
                 f"loss; lower optim.lr or enable gradient clipping (trainer.gradient_clip_val)"
             )
         self.log("train/grad_norm", norm)
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         nll = -self.flow.log_prob(batch).mean()

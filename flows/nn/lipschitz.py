@@ -18,6 +18,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from flows.nn.compile import CompiledOrEager
+
 
 def _check_coeff(coeff: float) -> None:
     if not 0.0 < coeff < 1.0:
@@ -88,21 +90,38 @@ class SpectralNormalization(nn.Module):
         return torch.linalg.vector_norm(torch.mv(weight, self.v))
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self.training and self.n_power_iterations > 1:
+            self.power_iterate_(weight, self.n_power_iterations - 1)
+        weight_hat, u, v = spectral_normalize(
+            weight, self.u, self.v, self.coeff, self.eps, update=self.training
+        )
         if self.training:
             with torch.no_grad():
-                if self.n_power_iterations > 1:
-                    self.power_iterate_(weight, self.n_power_iterations - 1)
-                v = F.normalize(torch.mv(weight.t(), self.u), dim=0, eps=self.eps)
-            # The last half-step with grad: sigma = |W v| and u = W v / sigma.
-            weight_v = torch.mv(weight, v)
-            sigma = torch.linalg.vector_norm(weight_v)
-            with torch.no_grad():
-                self.u.copy_(weight_v / sigma.clamp(min=self.eps))
+                self.u.copy_(u)
                 self.v.copy_(v)
-        else:
-            # A copy of v: a later training step must not overwrite a tensor saved for backward.
-            sigma = torch.linalg.vector_norm(torch.mv(weight, self.v.clone()))
-        return weight / torch.clamp(sigma / self.coeff, min=1.0)
+        return weight_hat
+
+
+def spectral_normalize(
+    weight: Tensor, u: Tensor, v: Tensor, coeff: float, eps: float, update: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W / max(1, sigma_hat / c), u', v')``, the math of ``SpectralNormalization``, pure.
+
+    With ``update`` (training) one power-iteration step first: ``v' = W^T u / |W^T u|``
+    (no grad), ``sigma_hat = |W v'|`` (with grad) and ``u' = W v' / sigma_hat``; without it
+    ``sigma_hat = |W v|`` and ``u' = u, v' = v``. The caller stores ``u', v'``.
+    """
+    if update:
+        with torch.no_grad():
+            v = F.normalize(torch.mv(weight.t(), u), dim=0, eps=eps)
+    else:
+        # A copy of v: a later training step must not overwrite a tensor saved for backward.
+        v = v.clone()
+    weight_v = torch.mv(weight, v)
+    sigma = torch.linalg.vector_norm(weight_v)
+    if update:
+        u = (weight_v / sigma.clamp(min=eps)).detach()
+    return weight / torch.clamp(sigma / coeff, min=1.0), u, v
 
 
 def spectral_norm_(
@@ -173,9 +192,13 @@ class ELU(nn.Module):
         return F.elu(h)
 
     def forward_with_derivative(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """``(elu(h), elu'(h))``: for h <= 0, ``elu(h) + 1 = exp(h) <= 1``; for h > 0 it is 1."""
-        out = F.elu(h)
-        return out, torch.clamp(out + 1.0, max=1.0)
+        return elu_with_derivative(h)
+
+
+def elu_with_derivative(h: Tensor) -> tuple[Tensor, Tensor]:
+    """``(elu(h), elu'(h))``: for h <= 0, ``elu(h) + 1 = exp(h) <= 1``; for h > 0 it is 1."""
+    out = F.elu(h)
+    return out, torch.clamp(out + 1.0, max=1.0)
 
 
 class LipSwish(nn.Module):
@@ -197,13 +220,17 @@ class LipSwish(nn.Module):
         return h * torch.sigmoid(F.softplus(self.raw_beta) * h) / 1.1
 
     def forward_with_derivative(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """``(f(h), f'(h))`` sharing ``s = sigmoid(beta h)``, in 6 elementwise ops."""
-        bh = F.softplus(self.raw_beta) * h
-        s = torch.sigmoid(bh)
-        s_scaled = s / 1.1
-        # f' = (s / 1.1) (1 + u) with u = bh (1 - s) = bh - bh s.
-        u = torch.addcmul(bh, bh, s, value=-1.0)
-        return h * s_scaled, torch.addcmul(s_scaled, s_scaled, u)
+        return lipswish_with_derivative(h, self.raw_beta)
+
+
+def lipswish_with_derivative(h: Tensor, raw_beta: Tensor) -> tuple[Tensor, Tensor]:
+    """``(f(h), f'(h))`` of ``LipSwish`` sharing ``s = sigmoid(beta h)``, in 6 elementwise ops."""
+    bh = F.softplus(raw_beta) * h
+    s = torch.sigmoid(bh)
+    s_scaled = s / 1.1
+    # f' = (s / 1.1) (1 + u) with u = bh (1 - s) = bh - bh s.
+    u = torch.addcmul(bh, bh, s, value=-1.0)
+    return h * s_scaled, torch.addcmul(s_scaled, s_scaled, u)
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"elu": ELU, "lipswish": LipSwish}
@@ -223,6 +250,7 @@ class LipschitzMLP(nn.Module):
         activation: ``"elu"`` or ``"lipswish"``.
         coeff: spectral-norm target ``c`` of each linear, in (0, 1).
         n_power_iterations: power-iteration steps per training-mode forward.
+        compile: run ``forward_with_logdet`` through ``torch.compile`` (eager if that fails).
     """
 
     def __init__(
@@ -233,6 +261,7 @@ class LipschitzMLP(nn.Module):
         activation: str = "lipswish",
         coeff: float = 0.9,
         n_power_iterations: int = 1,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         _check_coeff(coeff)
@@ -244,7 +273,9 @@ class LipschitzMLP(nn.Module):
             for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
         )
         self.activations = nn.ModuleList(ACTIVATIONS[activation]() for _ in range(num_hidden))
+        self.activation = activation
         self.coeff = coeff
+        self.compile = compile
 
     @property
     def lipschitz_bound(self) -> float:
@@ -260,21 +291,95 @@ class LipschitzMLP(nn.Module):
     def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(g(x), J_g(x))`` with ``J[b, i, j] = d g_i / d x_j``, shape ``(B, D, D)``.
 
-        Forward mode by hand: the tangents ``T[j, b] = d h_b / d x_j``, laid out ``(D, B, H)`` so
-        that per-sample factors broadcast over the leading dim, start as the columns of ``W_1``
-        after the first linear, then ``T <- T W^T`` through linears and ``T <- T * act'(h)``
-        through activations. Exact, differentiable by autograd, and in 2-D about three times
-        the cost of ``forward``. Each parametrized weight is read once.
+        ``mlp_with_jacobian`` on the normalised weights, each read once.
         """
         weights = [linear.weight for linear in self.linears]
         biases = [linear.bias for linear in self.linears]
-        h = F.linear(x, weights[0], biases[0])
-        tangent = weights[0].t().contiguous().unsqueeze(1)  # (D, 1, H): d h / d x_j = W_1[:, j]
-        for act, weight, bias in zip(self.activations, weights[1:], biases[1:], strict=True):
-            h, slope = act.forward_with_derivative(h)
-            tangent = tangent * slope
-            h = F.linear(h, weight, bias)
-            tangent = torch.matmul(tangent, weight.t())
-        if tangent.shape[1] != x.shape[0]:  # no hidden layer: J = W_1 for every sample
-            tangent = tangent.expand(-1, x.shape[0], -1)
-        return h, tangent.permute(1, 2, 0)
+        return mlp_with_jacobian(x, weights, biases, self.activation, self._activation_params())
+
+    def forward_with_logdet(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g(x), log|det(I + J_g(x))|)``, shapes ``(B, D)`` and ``(B,)``: exact.
+
+        The residual block's whole forward as one pure function (``residual_exact``): the
+        spectral normalisation of every weight (with its power-iteration step in training
+        mode, the buffers updated afterwards), ``mlp_with_jacobian`` and ``logdet_exact``.
+        With ``compile`` it runs through ``torch.compile`` (one graph shared by every block of
+        the same shapes, any batch size), which fuses the many small ops of a 2-D block.
+        """
+        normalizations = [linear.parametrizations.weight[0] for linear in self.linears]
+        weights = [linear.parametrizations.weight.original for linear in self.linears]
+        if self.training and normalizations[0].n_power_iterations > 1:
+            for normalization, weight in zip(normalizations, weights, strict=True):
+                normalization.power_iterate_(weight, normalization.n_power_iterations - 1)
+        function = _residual_exact_compiled if self.compile else residual_exact
+        gx, logdet, us, vs = function(
+            x, weights, [linear.bias for linear in self.linears],
+            [p.u for p in normalizations], [p.v for p in normalizations],
+            self._activation_params(), self.activation, self.coeff, normalizations[0].eps,
+            self.training,
+        )
+        if self.training:
+            with torch.no_grad():
+                for normalization, u, v in zip(normalizations, us, vs, strict=True):
+                    normalization.u.copy_(u)
+                    normalization.v.copy_(v)
+        return gx, logdet
+
+    def _activation_params(self) -> list[Tensor]:
+        return [act.raw_beta for act in self.activations] if self.activation == "lipswish" else []
+
+
+def mlp_with_jacobian(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor], activation: str,
+    activation_params: list[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """``(g(x), J_g(x))`` of ``g = W_L act(... act(W_1 x + b_1) ...) + b_L``, ``J`` ``(B, D, D)``.
+
+    Forward mode by hand: the tangents ``T[j, b] = d h_b / d x_j``, laid out ``(D, B, H)`` so
+    that per-sample factors broadcast over the leading dim, start as the columns of ``W_1``
+    after the first linear, then ``T <- T W^T`` through linears and ``T <- T * act'(h)``
+    through activations. Exact, differentiable by autograd, and in 2-D about three times
+    the cost of ``g`` alone. ``activation_params``: LipSwish's ``raw_beta`` per hidden layer.
+    """
+    h = F.linear(x, weights[0], biases[0])
+    tangent = weights[0].t().contiguous().unsqueeze(1)  # (D, 1, H): d h / d x_j = W_1[:, j]
+    for layer, (weight, bias) in enumerate(zip(weights[1:], biases[1:], strict=True)):
+        if activation == "elu":
+            h, slope = elu_with_derivative(h)
+        else:
+            h, slope = lipswish_with_derivative(h, activation_params[layer])
+        tangent = tangent * slope
+        h = F.linear(h, weight, bias)
+        tangent = torch.matmul(tangent, weight.t())
+    if tangent.shape[1] != x.shape[0]:  # no hidden layer: J = W_1 for every sample
+        tangent = tangent.expand(-1, x.shape[0], -1)
+    return h, tangent.permute(1, 2, 0)
+
+
+def logdet_exact(jac: Tensor) -> Tensor:
+    """``log|det(I + J)|`` for ``J`` of shape ``(B, D, D)``; closed forms for ``D <= 2``."""
+    features = jac.shape[-1]
+    if features == 1:
+        return torch.log(torch.abs(1.0 + jac[:, 0, 0]))
+    if features == 2:
+        a, b, c, d = jac.flatten(1).unbind(1)
+        return torch.log(torch.abs((1.0 + a) * (1.0 + d) - b * c))
+    eye = torch.eye(features, dtype=jac.dtype, device=jac.device)
+    return torch.linalg.slogdet(eye + jac).logabsdet
+
+
+def residual_exact(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor], us: list[Tensor], vs: list[Tensor],
+    activation_params: list[Tensor], activation: str, coeff: float, eps: float, update: bool,
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """``(g(x), log|det(I + J_g(x))|, u's, v's)`` from the raw weights, pure (no state)."""
+    normalized = [
+        spectral_normalize(weight, u, v, coeff, eps, update)
+        for weight, u, v in zip(weights, us, vs, strict=True)
+    ]
+    gx, jac = mlp_with_jacobian(x, [n[0] for n in normalized], biases, activation,
+                                activation_params)
+    return gx, logdet_exact(jac), [n[1] for n in normalized], [n[2] for n in normalized]
+
+
+_residual_exact_compiled = CompiledOrEager(residual_exact)
