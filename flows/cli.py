@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -10,20 +11,21 @@ import os
 import sys
 import typing
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import HydraException
+from hydra.errors import CompactHydraException, HydraException
 from hydra.utils import get_object
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 from typeguard import TypeCheckError, check_type
 
 log = logging.getLogger("flows")
 
 # Errors that mean "the input was wrong": reported in one line, no traceback wall.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+USER_ERRORS = (ValueError, OSError,
                HydraException, OmegaConfBaseException, FloatingPointError,
                MisconfigurationException)
 
@@ -49,13 +51,28 @@ def _annotations(target: str) -> dict[str, Any]:
         return {}
 
 
-def check_config_types(cfg: DictConfig, path: str = "") -> None:
-    """Check every scalar argument of every ``_target_`` node against its type annotation.
+# Configs may instantiate only these packages' objects (a config must not run arbitrary code).
+ALLOWED_TARGETS = ("flows.", "torch.", "lightning.")
 
-    Catches ``trainer.max_steps=abc`` before anything runs, naming the key and the type the
-    target expects (Hydra passes the string through and the failure would come much later).
+
+def check_config_types(cfg: DictConfig | ListConfig, path: str = "") -> None:
+    """Check every ``_target_`` and every scalar argument against its type annotation.
+
+    A ``_target_`` outside ``ALLOWED_TARGETS`` is refused before it is imported. Catches
+    ``trainer.max_steps=abc`` before anything runs, naming the key and the type the target
+    expects (Hydra passes the string through and the failure would come much later).
     """
+    if isinstance(cfg, ListConfig):
+        for index, item in enumerate(cfg):
+            if isinstance(item, DictConfig | ListConfig):
+                check_config_types(item, f"{path}{index}.")
+        return
     if "_target_" in cfg:
+        if not str(cfg._target_).startswith(ALLOWED_TARGETS):
+            raise ValueError(
+                f"{path}_target_={cfg._target_} is refused: configs may only instantiate "
+                f"objects from {', '.join(p.rstrip('.') for p in ALLOWED_TARGETS)}"
+            )
         hints = _annotations(cfg._target_)
         for key, value in cfg.items():
             if key.startswith("_") or key not in hints:
@@ -74,7 +91,7 @@ def check_config_types(cfg: DictConfig, path: str = "") -> None:
                     f"expects {expected}"
                 ) from None
     for key, value in cfg.items():
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig | ListConfig):
             check_config_types(value, f"{path}{key}.")
 
 
@@ -87,6 +104,49 @@ def user_errors() -> Iterator[None]:
         log.error(describe(error))
         print(f"error: {describe(error)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+class RunFolderError(CompactHydraException, InterpolationResolutionError):
+    """A run folder that cannot be used. Raised while Hydra resolves ``hydra.run.dir``:
+    OmegaConf passes it through unchanged and Hydra prints it as one line, no traceback."""
+
+
+def resolve_run_dir(parent: str, name: str | None, ckpt_path: str | None) -> str:
+    """``<parent>/<name>`` for ``hydra.run.dir`` (``${flows_run_dir:...}``), checked.
+
+    ``name`` defaults to the start time (to the microsecond). The folder must be creatable,
+    and one holding a run (``.hydra/``) is reused only to resume it (``ckpt_path=last`` or a
+    checkpoint inside it). Hydra resolves this before it writes anything into the folder, so a
+    refused command changes nothing. Cached: later resolutions in the same process (Lightning's
+    DDP launcher reads ``hydra.run.dir`` again) return the same folder without checking again.
+    """
+    return _checked_run_dir(parent, name or _start_time(), ckpt_path)
+
+
+@functools.cache
+def _start_time() -> str:
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+
+
+@functools.cache
+def _checked_run_dir(parent: str, name: str, ckpt_path: str | None) -> str:
+    folder = Path(parent) / name
+    if (folder / ".hydra").exists():
+        inside = ckpt_path not in (None, "last") and folder.resolve() in Path(
+            ckpt_path).resolve().parents
+        if ckpt_path != "last" and not inside:
+            raise RunFolderError(
+                f"error: run folder {folder} already holds a run; resume it with "
+                f"ckpt_path=last, or choose another name= (nothing was changed)"
+            )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(
+            f"error: cannot create the run folder {folder} ({error.strerror or error}); run "
+            f"from a writable folder or choose one with hydra.run.dir="
+        ) from None
+    return str(folder)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

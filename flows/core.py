@@ -8,6 +8,10 @@ Every log-det has shape ``(batch,)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 from flows.distributions import StandardNormal
@@ -113,3 +117,32 @@ class NormalizingFlow(nn.Module):
         z = self.base.sample(num_samples, temperature)
         x, _ = self.inverse(z)
         return x
+
+
+def first_nonfinite_bijection(flow: NormalizingFlow, x: Tensor) -> str | None:
+    """Name the first bijection whose output or log-det is NaN/inf on ``x``, in call order.
+
+    Runs ``flow(x)`` once without grad with a forward hook on every ``Bijection``; inner
+    layers finish before the ``Compose`` holding them, so the first hit is the innermost layer
+    where the failure appears. Returns e.g. ``"transform.bijections.12 (ResidualBlock)"``,
+    ``"the input"`` if ``x`` itself is not finite, or ``None`` if everything is finite.
+    """
+    if not torch.isfinite(x).all():
+        return "the input"
+    hits: list[str] = []
+
+    def check(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: tuple[Tensor, Tensor]) -> None:
+            if not hits and not all(torch.isfinite(t).all() for t in output):
+                hits.append(f"{name} ({type(module).__name__})")
+        return hook
+
+    handles = [module.register_forward_hook(check(name))
+               for name, module in flow.named_modules() if isinstance(module, Bijection)]
+    try:
+        with torch.no_grad():
+            flow(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hits[0] if hits else None

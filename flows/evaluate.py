@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from flows.cli import user_errors, write_json
 from flows.data.entropy import TOY_ENTROPY
+from flows.diagnostics import residual_lipschitz_bounds
 from flows.metrics import nll_with_standard_error
 from flows.runs import load_trained
 
@@ -25,6 +26,14 @@ log = logging.getLogger("flows")
 
 def evaluate(cfg: DictConfig) -> dict:
     flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
+    bounds = residual_lipschitz_bounds(flow)
+    broken = {name: round(bound, 4) for name, bound in bounds.items() if bound >= 1.0}
+    if broken and not cfg.force:
+        raise ValueError(
+            f"{checkpoint}: residual blocks are not contractive (Lipschitz bound >= 1: "
+            f"{broken}), so the reported likelihood would not be valid; pass force=true to "
+            f"report it anyway"
+        )
     device = next(flow.parameters()).device
     datamodule = instantiate(run_cfg.data)
     datamodule.setup()
@@ -37,6 +46,8 @@ def evaluate(cfg: DictConfig) -> dict:
     nll, standard_error = nll_with_standard_error(log_prob)
     result = {"checkpoint": str(checkpoint), "split": cfg.split, "num_points": len(points),
               "nll": nll, "nll_se": standard_error}
+    if bounds:
+        result.update(max_lipschitz_bound=max(bounds.values()), forced=bool(broken))
     name = getattr(datamodule, "name", None)
     if name in TOY_ENTROPY:
         result.update(entropy=TOY_ENTROPY[name][0], gap=nll - TOY_ENTROPY[name][0])

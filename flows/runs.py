@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -10,24 +11,36 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flows.cli import check_config_types
 from flows.core import NormalizingFlow
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A ``.ckpt`` file as given, or the best (else last) checkpoint of a run folder."""
+    """A ``.ckpt`` file as given, or the best (else last) checkpoint of a run folder.
+
+    The best is the ``best-<step>-nll=<val nll>.ckpt`` with the lowest validation NLL.
+    """
     path = Path(path)
     if path.is_file():
         return path
     if path.is_dir():
         folder = path / "checkpoints"
-        best = sorted(folder.glob("best-*.ckpt"))
+        best = sorted(folder.glob("best-*.ckpt"), key=lambda p: (_validation_nll(p), p.name))
         candidates = best or sorted(folder.glob("last*.ckpt"))
         if candidates:
-            return candidates[-1]
+            return candidates[0]
         raise FileNotFoundError(f"run folder {path} holds no checkpoints/*.ckpt")
     raise FileNotFoundError(
         f"checkpoint {path} does not exist; pass ckpt=<run folder> or ckpt=<file.ckpt>"
     )
+
+
+def _validation_nll(checkpoint: Path) -> float:
+    _, _, nll = checkpoint.stem.partition("-nll=")
+    try:
+        return float(nll)
+    except ValueError:
+        return math.inf
 
 
 def run_folder(checkpoint: Path) -> Path:
@@ -58,13 +71,17 @@ def load_flow(checkpoint: Path, cfg: DictConfig) -> NormalizingFlow:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ValueError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict')")
     weights = {k.removeprefix("flow."): v for k, v in state["state_dict"].items()}
+    check_config_types(cfg.model, "model.")  # the run's config may not instantiate just anything
     flow = instantiate(cfg.model)
-    missing, unexpected = flow.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = flow.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # same names, other shapes
+        missing, unexpected = [str(error).splitlines()[-1].strip()], []
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {checkpoint} does not match the model in its run config "
-            f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-            f"{(missing or unexpected)[0]!r})"
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors or other shapes, "
+            f"e.g. {(missing or unexpected)[0]!r})"
         )
     return flow.eval()
 

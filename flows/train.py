@@ -18,34 +18,50 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from flows.cli import check_config_types, user_errors, write_json
+from flows.cli import check_config_types, resolve_run_dir, user_errors, write_json
 from flows.data.entropy import TOY_ENTROPY
 from flows.lit.module import DensityModule, NonFiniteError
 
 log = logging.getLogger("flows")
 
 
+OmegaConf.register_new_resolver("flows_run_dir", resolve_run_dir, replace=True)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``"last"``: the run folder's ``checkpoints/last.ckpt``; a path: that file; must exist."""
+    if ckpt_path is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path}: {path} is not a file; give a .ckpt path, or name= the run "
+            f"folder to resume with ckpt_path=last"
+        )
+    return str(path)
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trainer]:
     """Data (validated), the system and the trainer, before anything is written."""
     check_config_types(cfg)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a file; give a .ckpt path")
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     flow = instantiate(cfg.model)
     flow.check_input(datamodule.splits["train"][:2])
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = DensityModule(flow, instantiate(cfg.optim), scheduler)
+    module = DensityModule(flow, instantiate(cfg.optim), scheduler, seed=cfg.seed,
+                           on_nonfinite=cfg.on_nonfinite)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer
 
 
-def fit_and_test(cfg: DictConfig, run_dir: Path, datamodule: L.LightningDataModule,
-                 module: DensityModule, trainer: L.Trainer) -> dict[str, Any]:
+def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
+                 datamodule: L.LightningDataModule, module: DensityModule,
+                 trainer: L.Trainer) -> dict[str, Any]:
     """Fit, test the best checkpoint, write ``results.json``; a failure is recorded there too."""
     choices = HydraConfig.get().runtime.choices
     results: dict[str, Any] = {
@@ -56,10 +72,11 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, datamodule: L.LightningDataModu
     }
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except NonFiniteError as error:
         last = run_dir / "checkpoints" / "last.ckpt"
         results.update(status="failed", error=str(error), train_steps=trainer.global_step,
+                       skipped_steps=module.skipped_steps,
                        last_good_ckpt=str(last) if last.is_file() else None)
         write_json(run_dir / "results.json", results)
         raise
@@ -71,6 +88,8 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, datamodule: L.LightningDataModu
     results.update(
         status="finished",
         train_steps=trainer.global_step,
+        skipped_steps=module.skipped_steps,
+        resumed_from=ckpt_path,
         wall_s=round(time.perf_counter() - start, 2),
         val_nll=None if score is None else float(score),
         best_ckpt=best or None,
@@ -95,14 +114,16 @@ def main(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     try:
         with user_errors():
+            ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
             parts = build(cfg)
-    except SystemExit:  # bad input: remove the fresh, still empty run folder
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run_dir.parent.rmdir()  # and its group folder, if nothing else is in it
+    except SystemExit:  # bad input: remove the run folder if this command just made it
+        if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # and its group folder, if nothing else is in it
         raise
     with user_errors():
-        results = fit_and_test(cfg, run_dir, *parts)
+        results = fit_and_test(cfg, run_dir, ckpt_path, *parts)
     return results.get("test_nll")
 
 

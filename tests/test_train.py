@@ -1,5 +1,6 @@
 """The real command line, as a user runs it: train, evaluate, sample, and bad input."""
 
+import csv
 import json
 
 import numpy as np
@@ -38,7 +39,7 @@ def test_run_folder_holds_results_plots_checkpoints_logs(trained_run):
     for kind in ("samples", "density", "latent"):
         assert (trained_run / "plots" / "final" / f"{kind}.png").stat().st_size > 5000
     assert any((trained_run / "plots").glob("step_*/density.png"))
-    assert (trained_run / "csv" / "metrics.csv").is_file()
+    assert (trained_run / "csv" / "version_0" / "metrics.csv").is_file()
     assert any((trained_run / "tensorboard").glob("events.out.tfevents.*"))
     assert (trained_run / ".hydra" / "config.yaml").is_file()
 
@@ -68,10 +69,10 @@ def test_sample_writes_png_and_arrays(trained_run, tmp_path):
     assert samples.shape == (300, 2) and np.isfinite(samples).all()
 
 
-def _file_data(tmp_path, dims=2, nan=False):
+def _file_data(tmp_path, dims=2, bad=None):
     points = np.random.default_rng(0).normal(size=(1000, dims))
-    if nan:
-        points[17, 1] = np.nan
+    if bad is not None:
+        points[17, 1] = bad
     np.save(tmp_path / "points.npy", points)
     return ["data=file", f"data.path={tmp_path / 'points.npy'}", "data.features=2"]
 
@@ -80,24 +81,34 @@ BAD_INPUT = [
     # (overrides, text the one-line error must contain)
     (["nosuchkey=1"], "nosuchkey"),
     (["model=nosuchmodel"], "realnvp"),
+    (["data=nosuchdata"], "checkerboard"),
+    (["trainer=nosuchtrainer"], "ddp"),
     (["trainer.max_steps=abc"], "max_steps"),
     (["model=iresnet", "model.lipschitz_coeff=1.0"], "(0, 1)"),
     (["model=iresnet", "model.lipschitz_coeff=0"], "(0, 1)"),
     (["model.features=3"], "(3,)"),
-    ("nan-data", "NaN"),
+    ("nan-data", "NaN or inf (first at row 17)"),
+    ("inf-data", "NaN or inf (first at row 17)"),
     ("3d-data", "3 features"),
     (["ckpt_path=/no/such/file.ckpt"], "/no/such/file.ckpt"),
+    (["ckpt_path=last"], "checkpoints/last.ckpt is not a file"),
+    (["+callbacks.evil._target_=subprocess.run"], "_target_=subprocess.run is refused"),
+    (["trainer.plugins.0._target_=os.system"], "_target_=os.system is refused"),
+    ("unwritable", "cannot create the run folder outputs/realnvp-moons/"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD_INPUT)
 def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expected, tmp_path):
     fast = FAST
-    if overrides in ("nan-data", "3d-data"):
-        overrides = _file_data(tmp_path, dims=3 if overrides == "3d-data" else 2,
-                               nan=overrides == "nan-data")
+    if overrides in ("nan-data", "inf-data", "3d-data"):
+        bad = {"nan-data": np.nan, "inf-data": -np.inf, "3d-data": None}[overrides]
+        overrides = _file_data(tmp_path, dims=3 if overrides == "3d-data" else 2, bad=bad)
         fast = [o for o in FAST if not o.startswith("data.")]
-    before = sorted(p.name for p in tmp_path.iterdir())
+    if overrides == "unwritable":  # ./outputs is a file: no run folder can be made in it
+        (tmp_path / "outputs").write_text("")
+        overrides = []
+    before = sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs")
     result = run_cli("flows.train", *fast, *overrides, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -128,14 +139,42 @@ def test_truncated_checkpoint_is_refused(trained_run, tmp_path):
     assert "truncated, corrupt" in result.stderr
 
 
-def test_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
-    result = run_cli("flows.train", "-m", "model=realnvp,nice", "data=moons",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks=none", "logger=csv",
-                     "trainer.max_steps=5", "test=false", "data.num_train=2048",
-                     "data.num_val=512", cwd=tmp_path)
+def test_multirun_sweep_gives_each_job_its_own_folder_and_a_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("flows.train", "-m", "model=realnvp,nice", "seed=0,1", "data=moons",
+                     f"hydra.sweep.dir={sweep}", "callbacks=none", "logger=csv",
+                     "trainer.max_steps=5", "data.num_train=2048", "data.num_val=512",
+                     "data.num_test=512", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert folders == ["0-realnvp-moons", "1-nice-moons"]
+    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert folders == ["0-realnvp-moons", "1-realnvp-moons", "2-nice-moons", "3-nice-moons"]
+    nll = {}
     for folder in folders:
-        results = json.loads((tmp_path / "sweep" / folder / "results.json").read_text())
+        results = json.loads((sweep / folder / "results.json").read_text())
         assert results["model"] == folder.split("-")[1] and results["train_steps"] == 5
+        nll[(results["model"], results["seed"])] = results["test_nll"]
+    assert len(set(nll.values())) == 4  # seeds and models really differ
+
+    summary = run_cli("flows.summarize", f"dir={sweep}", cwd=tmp_path)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    with open(sweep / "summary.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["run"] for row in rows] == folders
+    assert {(row["model"], int(row["seed"])): float(row["test_nll"]) for row in rows} == nll
+    mean = (nll[("nice", 0)] + nll[("nice", 1)]) / 2
+    assert f"| nice | moons | 2 | {mean:.4f} |" in (sweep / "summary.md").read_text()
+    assert f"| nice | moons | 2 | {mean:.4f} |" in summary.stdout
+
+
+def test_checkpoint_of_another_model_is_refused(trained_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(
+        "model:\n  _target_: flows.models.iresnet.IResNet\n  features: 2\n  num_blocks: 3\n"
+        "  hidden_features: 7\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(
+        (trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    result = run_cli("flows.evaluate", f"ckpt={run}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "does not match the model in its run config" in result.stderr

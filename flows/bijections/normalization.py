@@ -27,8 +27,10 @@ class ActNorm(Bijection):
 
     Data-dependent initialisation: the first forward in training mode sets ``shift`` and
     ``log_scale`` to the batch mean and log-std per feature, so that batch comes out with
-    zero mean and unit variance. The ``initialized`` buffer is saved in checkpoints, so a
-    reloaded model is not re-initialised. ``eps`` guards zero-variance features.
+    zero mean and unit variance. Under ``torch.distributed`` the statistics are averaged over
+    the ranks' batches (assumed of equal size), so every rank starts from the same values. The
+    ``initialized`` buffer is saved in checkpoints, so a reloaded model is not re-initialised.
+    ``eps`` guards zero-variance features.
 
     References:
         Kingma & Dhariwal, Glow (2018), https://arxiv.org/abs/1807.03039
@@ -44,8 +46,15 @@ class ActNorm(Bijection):
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         values = x.transpose(0, 1).flatten(1)
-        self.shift.copy_(values.mean(1))
-        self.log_scale.copy_(torch.log(values.std(1, unbiased=False) + self.eps))
+        moments = torch.stack([values.mean(1), values.square().mean(1)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank gets the statistics of the union of the ranks' (equal-size) batches.
+            torch.distributed.all_reduce(moments)
+            moments /= torch.distributed.get_world_size()
+        mean, mean_square = moments
+        std = torch.sqrt(torch.clamp(mean_square - mean.square(), min=0.0))
+        self.shift.copy_(mean)
+        self.log_scale.copy_(torch.log(std + self.eps))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from flows.data.toy import TOY_DATASETS, sample_toy
 
@@ -24,6 +25,38 @@ class _Points(Dataset):
 
     def __getitem__(self, indices: list[int]) -> Tensor:
         return self.points[indices]
+
+
+class TrainBatches(Sampler[Tensor]):
+    """Index batches for training, a pure function of (seed, epoch, position, rank).
+
+    Epoch ``e`` visits ``randperm(N)`` drawn from a generator seeded by ``(seed, e)``; step
+    ``i`` of the epoch on rank ``r`` of ``W`` takes the slice ``[(i W + r) B, (i W + r + 1) B)``
+    of it (every rank a disjoint full batch of ``B``; ``N // (B W)`` steps per epoch; the rest
+    of the permutation is dropped). ``progress()`` returns ``(batches already consumed, rank,
+    world size)``; iteration starts there, so a run resumed from a checkpoint written in the
+    middle of an epoch sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, num_points: int, batch_size: int, seed: int,
+                 progress: Callable[[], tuple[int, int, int]]) -> None:
+        self.num_points = num_points
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress = progress
+
+    def __len__(self) -> int:
+        _, _, world = self.progress()
+        return self.num_points // (self.batch_size * world)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        consumed, rank, world = self.progress()
+        epoch, start = divmod(consumed, len(self))
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        order = torch.randperm(self.num_points, generator=torch.Generator().manual_seed(seed))
+        for step in range(start, len(self)):
+            first = (step * world + rank) * self.batch_size
+            yield order[first: first + self.batch_size]
 
 
 def validate_points(points: np.ndarray, source: str) -> np.ndarray:
@@ -46,8 +79,10 @@ def validate_points(points: np.ndarray, source: str) -> np.ndarray:
 class PointDataModule(L.LightningDataModule):
     """Train/val/test splits of ``(N, D)`` points, batched by index for speed.
 
-    Subclasses implement ``make_splits`` returning three float32 arrays. Shuffling draws
-    from a generator seeded by ``seed``, so the batch order is fixed given the seed.
+    Subclasses implement ``make_splits`` returning three float32 arrays. Training batches
+    come from ``TrainBatches``: fixed given the seed, sharded over distributed ranks (so the
+    trainer must not add a ``DistributedSampler``: ``use_distributed_sampler=False``) and
+    resumable mid-epoch from the trainer's step count.
     """
 
     def __init__(self, features: int, batch_size: int = 512, eval_batch_size: int = 10_000,
@@ -73,24 +108,33 @@ class PointDataModule(L.LightningDataModule):
             self.splits = {"train": torch.from_numpy(train), "val": torch.from_numpy(val),
                            "test": torch.from_numpy(test)}
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        points = _Points(self.splits[split])
-        if shuffle:
-            generator = torch.Generator().manual_seed(self.seed)
-            order = RandomSampler(points, generator=generator)
-        else:
-            order = SequentialSampler(points)
-        batches = BatchSampler(order, batch_size=batch_size, drop_last=shuffle)
-        return DataLoader(points, sampler=batches, batch_size=None)
+    def _progress(self) -> tuple[int, int, int]:
+        """``(batches consumed, rank, world size)`` from the trainer; ``(0, 0, 1)`` alone."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0, 1
+        consumed = trainer.global_step * trainer.accumulate_grad_batches
+        return consumed, trainer.global_rank, trainer.world_size
+
+    def _loader(self, split: str, batches: Sampler) -> DataLoader:
+        return DataLoader(_Points(self.splits[split]), sampler=batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        batches = TrainBatches(len(self.splits["train"]), self.batch_size, self.seed,
+                               self._progress)
+        return self._loader("train", batches)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Every row once over all ranks: rank ``r`` of ``W`` takes rows ``r, r + W, ...``."""
+        _, rank, world = self._progress()
+        rows = range(rank, len(self.splits[split]), world)
+        return self._loader(split, BatchSampler(rows, self.eval_batch_size, drop_last=False))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
 
 
 class ToyDataModule(PointDataModule):

@@ -7,10 +7,12 @@ from pathlib import Path
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from matplotlib.figure import Figure
 
+from flows.diagnostics import reconstruction_error, residual_lipschitz_bounds, saturated_scales
 from flows.plots import density_grid, plot_density, plot_latent, plot_samples
 
 
@@ -77,3 +79,78 @@ class ToyPlots(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
+
+
+class FlowDiagnostics(L.Callback):
+    """Checks at every validation that the flow is still a valid density, and logs them.
+
+    On ``num_points`` validation points: ``diagnostics/reconstruction_error``
+    (``max |f^{-1}(f(x)) - x|``, for i-ResNets through the fixed-point inverse);
+    ``diagnostics/max_lipschitz_bound`` over residual blocks (a warning names every block whose
+    bound is ``>= 1``: not contractive, the likelihood is not valid); and
+    ``diagnostics/max_saturated_scale``, the largest fraction of affine-coupling log-scales at
+    their clamp (a warning names layers above ``saturation_warning``).
+
+    Args:
+        num_points: validation points used.
+        reconstruction_warning: warn when the reconstruction error exceeds this.
+        saturation_warning: warn when a coupling has more than this fraction of saturated scales.
+    """
+
+    def __init__(self, num_points: int = 1000, reconstruction_warning: float = 1e-3,
+                 saturation_warning: float = 0.05) -> None:
+        self.num_points = num_points
+        self.reconstruction_warning = reconstruction_warning
+        self.saturation_warning = saturation_warning
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        flow = module.flow
+        x = trainer.datamodule.splits["val"][: self.num_points].to(module.device)
+        was_training = flow.training
+        flow.eval()
+        metrics = {"diagnostics/reconstruction_error": reconstruction_error(flow, x)}
+        bounds = residual_lipschitz_bounds(flow)
+        saturation = saturated_scales(flow, x)
+        flow.train(was_training)
+        step = trainer.global_step
+        if metrics["diagnostics/reconstruction_error"] > self.reconstruction_warning:
+            rank_zero_warn(f"step {step}: reconstruction error "
+                           f"{metrics['diagnostics/reconstruction_error']:.3g} > "
+                           f"{self.reconstruction_warning}: the inverse is inaccurate")
+        if bounds:
+            metrics["diagnostics/max_lipschitz_bound"] = max(bounds.values())
+            broken = {name: bound for name, bound in bounds.items() if bound >= 1.0}
+            if broken:
+                rank_zero_warn(f"step {step}: residual blocks not contractive (Lip bound >= 1): "
+                               f"{broken}; the likelihood is not valid")
+        if saturation:
+            metrics["diagnostics/max_saturated_scale"] = max(saturation.values())
+            saturated = {n: f for n, f in saturation.items() if f > self.saturation_warning}
+            if saturated:
+                rank_zero_warn(f"step {step}: affine couplings with log-scales at their clamp "
+                               f"(fraction of scales): {saturated}")
+        module.log_dict(metrics, sync_dist=False, rank_zero_only=True)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps and once more when training ends.
+
+    What ``ckpt_path=last`` resumes from. Lightning's step-triggered ``save_last`` leaves the
+    file up to ``every_n_train_steps - 1`` steps behind the final weights; the extra save at
+    the end makes it the final state whatever the step count. Written through the trainer's
+    checkpoint IO (atomically, with ``AtomicCheckpointIO``).
+
+    Args:
+        dirpath: the checkpoint folder.
+        every_n_train_steps: save period in optimizer steps.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 200) -> None:
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps,
+                         save_top_k=0, save_last=True, enable_version_counter=False)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_global_step_saved:
+            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt")

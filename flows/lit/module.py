@@ -5,20 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from flows.core import NormalizingFlow
-from flows.metrics import nll_with_standard_error
+from flows.core import NormalizingFlow, first_nonfinite_bijection
+from flows.metrics import nll_from_moments, nll_moments
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
 class NonFiniteError(FloatingPointError):
-    """Training produced a NaN or inf loss or gradient; the message names the step."""
+    """Training produced a NaN or inf loss or gradient; the message names the step and layer."""
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 64-bit seed for one training step on one rank, independent across the three."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
 
 
 class DensityModule(L.LightningModule):
@@ -26,34 +32,61 @@ class DensityModule(L.LightningModule):
 
     Logs ``train/nll`` every step, ``val/nll`` per validation and, at test time,
     ``test/nll`` with its standard error over the whole test split (``test_result``).
-    A non-finite loss or gradient norm stops training with a ``NonFiniteError`` that
-    names the global step, before the optimizer can write NaNs into the weights.
+
+    A non-finite loss or gradient norm stops training (``on_nonfinite="stop"``) with a
+    ``NonFiniteError`` naming the global step and the first layer whose output or log-det is
+    not finite (or the parameters whose gradients are not), before the optimizer can write
+    NaNs into the weights; with ``"skip"`` the batch is skipped (no update) and counted in
+    ``skipped_steps`` (logged as ``train/skipped_steps``).
+
+    Every training step first reseeds torch's global generator from ``(seed, step, rank)``
+    (``step_seed``), so the randomness drawn inside a step (Hutchinson probes, noise) is the
+    same whether or not the run was interrupted and resumed there.
 
     Args:
         flow: the model; the only ``nn.Module`` this system owns.
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
         scheduler: ``optimizer -> LRScheduler`` stepped every training step, or ``None``.
+        seed: the run's seed, for the per-step seeds.
+        on_nonfinite: ``"stop"`` or ``"skip"``.
     """
 
     def __init__(self, flow: NormalizingFlow, optimizer: OptimizerFactory,
-                 scheduler: SchedulerFactory | None = None) -> None:
+                 scheduler: SchedulerFactory | None = None, seed: int = 0,
+                 on_nonfinite: str = "stop") -> None:
         super().__init__()
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} must be 'stop' or 'skip'")
         self.flow = flow
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self._test_log_probs: list[Tensor] = []
+        self.seed = seed
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+        self._test_moments: Tensor | None = None
         self.test_result: dict[str, float] = {}
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
         loss = -self.flow.log_prob(batch).mean()
         if not torch.isfinite(loss):
-            raise NonFiniteError(
+            where = first_nonfinite_bijection(self.flow, batch) or "the base log-density"
+            return self._nonfinite(
                 f"training loss became {loss.item()} at step {self.global_step} (epoch "
-                f"{self.current_epoch}, batch {batch_idx}); lower optim.lr or enable gradient "
-                f"clipping (trainer.gradient_clip_val)"
+                f"{self.current_epoch}, batch {batch_idx}), first in {where}"
             )
         self.log("train/nll", loss, prog_bar=True)
         return loss
+
+    def _nonfinite(self, message: str) -> None:
+        """Stop with ``message``, or count the step as skipped."""
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(f"{message}; lower optim.lr, enable gradient clipping "
+                                 f"(trainer.gradient_clip_val) or check the data")
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     def configure_gradient_clipping(self, optimizer: Optimizer,
                                     gradient_clip_val: float | None = None,
@@ -66,10 +99,13 @@ class DensityModule(L.LightningModule):
         params = [p for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(norm):
-            raise NonFiniteError(
-                f"gradient norm became {norm.item()} at step {self.global_step} with a finite "
-                f"loss; lower optim.lr or enable gradient clipping (trainer.gradient_clip_val)"
-            )
+            bad = [name for name, p in self.named_parameters()
+                   if p.grad is not None and not torch.isfinite(p.grad).all()]
+            self._nonfinite(f"gradient norm became {norm.item()} at step {self.global_step} "
+                            f"with a finite loss, in {len(bad)} parameter(s), first {bad[0]}")
+            for p in params:  # skip: no update from this batch
+                p.grad = None
+            return
         self.log("train/grad_norm", norm)
         if not gradient_clip_val:
             return
@@ -83,16 +119,17 @@ class DensityModule(L.LightningModule):
         self.log("val/nll", nll, prog_bar=True, batch_size=batch.shape[0])
 
     def on_test_epoch_start(self) -> None:
-        self._test_log_probs = []
+        self._test_moments = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._test_log_probs.append(self.flow.log_prob(batch).detach())
+        self._test_moments += nll_moments(self.flow.log_prob(batch))
 
     def on_test_epoch_end(self) -> None:
-        log_prob = self.all_gather(torch.cat(self._test_log_probs)).flatten()
-        nll, standard_error = nll_with_standard_error(log_prob)
+        # Each rank saw a disjoint part of the test split: the moments add up.
+        moments = self.trainer.strategy.reduce(self._test_moments, reduce_op="sum")
+        nll, standard_error = nll_from_moments(moments)
         self.test_result = {"test_nll": nll, "test_nll_se": standard_error,
-                            "num_test": log_prob.numel()}
+                            "num_test": int(moments[0].item())}
         self.log("test/nll", nll)
         self.log("test/nll_se", standard_error)
 

@@ -1,0 +1,65 @@
+"""Health checks of a flow: invertibility, contractivity of residual blocks, saturated scales."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flows.bijections.coupling import AffineCoupling, soft_clamp
+from flows.bijections.residual import ResidualBlock
+from flows.core import NormalizingFlow
+
+
+@torch.no_grad()
+def reconstruction_error(flow: NormalizingFlow, x: Tensor) -> float:
+    """``max |f^{-1}(f(x)) - x|``: zero up to rounding for an exact inverse."""
+    z, _ = flow(x)
+    x_back, _ = flow.transform.inverse(z)
+    return float((x_back - x).abs().max())
+
+
+@torch.no_grad()
+def residual_lipschitz_bounds(flow: nn.Module) -> dict[str, float]:
+    """For every ``ResidualBlock``: ``prod_l sigma(W_hat_l)``, an upper bound on ``Lip(g)``.
+
+    Each ``sigma`` is the exact largest singular value of the normalised weight the block
+    uses now (``torch.linalg.matrix_norm(ord=2)``), so a bound ``>= 1`` means the block may
+    not be invertible and its log-det series may diverge: the likelihood is not valid.
+    Activations are 1-Lipschitz. Keys are module names.
+    """
+    was_training = flow.training
+    flow.eval()  # read the weights without a power-iteration update
+    bounds = {}
+    for name, module in flow.named_modules():
+        if isinstance(module, ResidualBlock):
+            norms = [torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item()
+                     for m in module.net.modules() if isinstance(m, nn.Linear)]
+            bounds[name] = math.prod(norms)
+    flow.train(was_training)
+    return bounds
+
+
+@torch.no_grad()
+def saturated_scales(flow: nn.Module, x: Tensor, level: float = 0.95) -> dict[str, float]:
+    """For every ``AffineCoupling``: the fraction of log-scales with ``|s| >= level * clamp``.
+
+    A coupling whose scales sit at the soft clamp has lost its gradient there (``tanh`` is
+    flat): a sign of a collapsing or exploding layer. Runs ``flow(x)`` once with hooks.
+    """
+    fractions: dict[str, float] = {}
+    handles = []
+    for name, module in flow.named_modules():
+        if isinstance(module, AffineCoupling):
+            def hook(conditioner: nn.Module, args: tuple, params: Tensor,
+                     name: str = name, clamp: float = module.log_scale_clamp) -> None:
+                s = soft_clamp(params.chunk(2, dim=1)[0], clamp)
+                fractions[name] = float((s.abs() >= level * clamp).float().mean())
+            handles.append(module.conditioner.register_forward_hook(hook))
+    try:
+        flow(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fractions

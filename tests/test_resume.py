@@ -1,0 +1,111 @@
+"""Faults survived: a run killed with SIGKILL mid-epoch resumes to the uninterrupted result."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests.conftest import ROOT, run_cli
+
+# A small i-ResNet with the Hutchinson series log-det: training draws random probes every
+# step, and the spectral norms keep power-iteration buffers: both must survive a restart.
+# 4096 / 256 = 16 steps per epoch; last.ckpt every 7 steps, so most are mid-epoch.
+STEPS_PER_EPOCH = 16
+SMALL = ["model=iresnet", "model.num_blocks=2", "model.hidden_features=8", "model.logdet=series",
+         "model.compile=false", "data=moons", "data.num_train=4096", "data.num_val=512",
+         "data.num_test=1024", "data.batch_size=256", "trainer.enable_progress_bar=false",
+         "~callbacks.plots"]
+RUN = [*SMALL, "trainer.max_steps=400", "callbacks.last_checkpoint.every_n_train_steps=7"]
+
+
+def logged(metrics_csv):
+    """Every (step, metric, value) in a CSV log, whatever its column order."""
+    with open(metrics_csv) as file:
+        return {(row["step"], key, value) for row in csv.DictReader(file)
+                for key, value in row.items() if value and key != "step"}
+
+
+def last_step(run_dir):
+    path = run_dir / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        return -1
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def start_and_kill_mid_epoch(cwd, name, min_step=60):
+    """Start a run and SIGKILL it once last.ckpt is past ``min_step`` and mid-epoch."""
+    run_dir = cwd / "outputs" / "iresnet-moons" / name
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "flows.train", *RUN, f"name={name}"],
+                               cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        step = last_step(run_dir)
+        if step >= min_step and step % STEPS_PER_EPOCH:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return run_dir, step
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"the run ended (code {process.returncode}) before it could be killed")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
+    result = run_cli("flows.train", *RUN, "name=straight", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight = tmp_path / "outputs" / "iresnet-moons" / "straight"
+
+    killed, step = start_and_kill_mid_epoch(tmp_path, "killed")
+    assert not (killed / "results.json").exists()  # it really died mid-run
+    logged_before = logged(killed / "csv" / "version_0" / "metrics.csv")
+    result = run_cli("flows.train", *RUN, "name=killed", "ckpt_path=last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    want = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    got = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["global_step"] == want["global_step"] == 400
+    # Weights, spectral-norm u/v buffers and ActNorm flags: bitwise (CPU, same op order).
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for key, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    for got_state, want_state in zip(got["optimizer_states"][0]["state"].values(),
+                                     want["optimizer_states"][0]["state"].values(), strict=True):
+        for key in want_state:
+            assert torch.equal(got_state[key], want_state[key]), key
+    assert got["lr_schedulers"] == want["lr_schedulers"]
+
+    results = json.loads((killed / "results.json").read_text())
+    expected = json.loads((straight / "results.json").read_text())
+    assert results["test_nll"] == expected["test_nll"]
+    assert results["val_nll"] == expected["val_nll"]
+    assert results["resumed_from"].endswith("last.ckpt")
+    # Resuming appended to the run folder's logs: the rows from before the kill are still there.
+    assert logged(killed / "csv" / "version_0" / "metrics.csv") == logged_before
+    resumed = logged(killed / "csv" / "version_1" / "metrics.csv")
+    assert min(int(s) for s, _, _ in resumed) >= step
+    print(f"killed after the checkpoint of step {step}")
+
+
+def test_a_named_run_folder_is_never_overwritten(tmp_path):
+    short = [*SMALL, "trainer.max_steps=5"]
+    result = run_cli("flows.train", *short, "name=mine", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "iresnet-moons" / "mine"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    again = run_cli("flows.train", *short, "name=mine", "optim.lr=0.5", cwd=tmp_path)
+    assert again.returncode != 0
+    assert "already holds a run; resume it with ckpt_path=last" in again.stderr
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # not one byte changed, the saved config included
+
+    missing = run_cli("flows.train", *short, "name=other", "ckpt_path=last", cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "other/checkpoints/last.ckpt is not a file" in missing.stderr
+    assert not (tmp_path / "outputs" / "iresnet-moons" / "other").exists()
