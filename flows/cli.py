@@ -116,11 +116,13 @@ def resolve_run_dir(parent: str, name: str | None, ckpt_path: str | None) -> str
 
     ``name`` defaults to the start time (to the microsecond). The folder must be creatable,
     and one holding a run (``.hydra/``) is reused only to resume it (``ckpt_path=last`` or a
-    checkpoint inside it). Hydra resolves this before it writes anything into the folder, so a
-    refused command changes nothing. Cached: later resolutions in the same process (Lightning's
-    DDP launcher reads ``hydra.run.dir`` again) return the same folder without checking again.
+    checkpoint inside it); that is not checked when a launcher (torchrun, SLURM) started
+    several ranks. Hydra resolves this before it writes anything into the folder, so a refused
+    command changes nothing. Cached: later resolutions in the same process (Lightning's DDP
+    launcher reads ``hydra.run.dir`` again) return the same folder without checking again.
     """
-    return _checked_run_dir(parent, name or _start_time(), ckpt_path)
+    # str(): a name YAML reads as a number (name=1, name=nan) is still a folder name.
+    return _checked_run_dir(parent, _start_time() if name is None else str(name), ckpt_path)
 
 
 @functools.cache
@@ -131,7 +133,10 @@ def _start_time() -> str:
 @functools.cache
 def _checked_run_dir(parent: str, name: str, ckpt_path: str | None) -> str:
     folder = Path(parent) / name
-    if (folder / ".hydra").exists():
+    # Under torchrun or SLURM every rank resolves the same named folder and the first one
+    # creates it: only a single process can tell a stale run from its own siblings.
+    launched = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
+    if not launched and (folder / ".hydra").exists():
         inside = ckpt_path not in (None, "last") and folder.resolve() in Path(
             ckpt_path).resolve().parents
         if ckpt_path != "last" and not inside:

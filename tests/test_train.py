@@ -178,3 +178,48 @@ def test_checkpoint_of_another_model_is_refused(trained_run, tmp_path):
     result = run_cli("flows.evaluate", f"ckpt={run}", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "does not match the model in its run config" in result.stderr
+
+
+def test_nonfinite_loss_stops_in_one_line_and_is_recorded(tmp_path):
+    points = np.random.default_rng(0).normal(size=(2000, 2)) * 1e20  # z^2 overflows float32
+    np.save(tmp_path / "huge.npy", points)
+    result = run_cli("flows.train", "data=file", f"data.path={tmp_path / 'huge.npy'}",
+                     "data.features=2", "trainer.max_steps=5", "name=nan", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: training loss became inf at step 0" in result.stderr
+    assert "first in the base log-density" in result.stderr
+    results = json.loads((tmp_path / "outputs" / "realnvp-file" / "nan" / "results.json")
+                         .read_text())
+    assert results["status"] == "failed" and "at step 0" in results["error"]
+
+
+def test_evaluate_refuses_a_non_contractive_iresnet_unless_forced(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("flows.train", "model=iresnet", "model.num_blocks=2",
+                     "model.hidden_features=8", "model.compile=false", f"hydra.run.dir={run}",
+                     *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["status"] == "finished"
+    log = (run / "csv" / "version_0" / "metrics.csv").read_text()
+    for metric in ("max_lipschitz_bound", "reconstruction_error", "max_inverse_residual"):
+        assert f"diagnostics/{metric}" in log
+    # Break block 0: a dominant singular value its stored power-iteration vector misses.
+    path = run / "checkpoints" / "last.ckpt"
+    state = torch.load(path, weights_only=True)
+    prefix = "flow.transform.bijections.0.net.linears.1.parametrizations.weight"
+    raw = state["state_dict"][f"{prefix}.original"]
+    u, _, vh = torch.linalg.svd(raw)
+    singular = torch.ones(len(raw))
+    singular[0] = 100.0
+    state["state_dict"][f"{prefix}.original"] = u @ torch.diag(singular) @ vh
+    state["state_dict"][f"{prefix}.0.v"] = vh[1].clone()
+    torch.save(state, path)
+
+    refused = run_cli("flows.evaluate", f"ckpt={path}", cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "not contractive" in refused.stderr and "transform.bijections.0" in refused.stderr
+    forced = run_cli("flows.evaluate", f"ckpt={path}", "force=true", f"out={tmp_path / 'e.json'}",
+                     cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "e.json").read_text())
+    assert evaluation["forced"] and evaluation["max_lipschitz_bound"] > 1

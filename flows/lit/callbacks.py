@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from matplotlib.figure import Figure
 
+from flows.bijections.residual import ResidualBlock
 from flows.diagnostics import reconstruction_error, residual_lipschitz_bounds, saturated_scales
 from flows.plots import density_grid, plot_density, plot_latent, plot_samples
 
@@ -85,7 +86,9 @@ class FlowDiagnostics(L.Callback):
     """Checks at every validation that the flow is still a valid density, and logs them.
 
     On ``num_points`` validation points: ``diagnostics/reconstruction_error``
-    (``max |f^{-1}(f(x)) - x|``, for i-ResNets through the fixed-point inverse);
+    (``max |f^{-1}(f(x)) - x|``, for i-ResNets through the fixed-point inverse, whose largest
+    per-block residual ``max |x + g(x) - z|`` is ``diagnostics/max_inverse_residual``, a warning
+    naming every block above ``reconstruction_warning``);
     ``diagnostics/max_lipschitz_bound`` over residual blocks (a warning names every block whose
     bound is ``>= 1``: not contractive, the likelihood is not valid); and
     ``diagnostics/max_saturated_scale``, the largest fraction of affine-coupling log-scales at
@@ -111,6 +114,9 @@ class FlowDiagnostics(L.Callback):
         was_training = flow.training
         flow.eval()
         metrics = {"diagnostics/reconstruction_error": reconstruction_error(flow, x)}
+        # The reconstruction ran every residual block's fixed-point inverse.
+        residuals = {name: layer.last_inverse_residual for name, layer in flow.named_modules()
+                     if isinstance(layer, ResidualBlock)}
         bounds = residual_lipschitz_bounds(flow)
         saturation = saturated_scales(flow, x)
         flow.train(was_training)
@@ -119,6 +125,12 @@ class FlowDiagnostics(L.Callback):
             rank_zero_warn(f"step {step}: reconstruction error "
                            f"{metrics['diagnostics/reconstruction_error']:.3g} > "
                            f"{self.reconstruction_warning}: the inverse is inaccurate")
+        if residuals:
+            metrics["diagnostics/max_inverse_residual"] = max(residuals.values())
+            unconverged = {n: r for n, r in residuals.items() if r > self.reconstruction_warning}
+            if unconverged:
+                rank_zero_warn(f"step {step}: fixed-point inverses not converged, "
+                               f"max|x + g(x) - z| per block: {unconverged}")
         if bounds:
             metrics["diagnostics/max_lipschitz_bound"] = max(bounds.values())
             broken = {name: bound for name, bound in bounds.items() if bound >= 1.0}
