@@ -1,4 +1,9 @@
-"""Lightning's DDP with 2 CPU processes (gloo): identical ranks, equal to one process."""
+"""Lightning's DDP with 2 CPU processes (gloo): identical ranks, equal to one process.
+
+The in-process test forks its ranks (`ddp_fork`): with `ddp_spawn` a spawned rank sometimes
+aborted at interpreter exit ("terminate called without an active exception") after training
+had finished correctly. The command-line test uses `ddp`, Lightning's subprocess launcher.
+"""
 
 import functools
 import json
@@ -39,7 +44,7 @@ def fit(folder, devices, batch_size):
     data = ToyDataModule("moons", num_train=4096, num_val=512, num_test=1024,
                          batch_size=batch_size)
     trainer = L.Trainer(accelerator="cpu", devices=devices, max_steps=12, logger=False,
-                        strategy="ddp_spawn" if devices > 1 else "auto",
+                        strategy="ddp_fork" if devices > 1 else "auto",
                         use_distributed_sampler=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0,
