@@ -2,7 +2,10 @@
 
 import errno
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from flows.lit.module import DensityModule
 from flows.models.iresnet import IResNet
 from flows.models.realnvp import RealNVP
 from flows.nn.lipschitz import power_iterate_
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, fake_run_folder, run_cli
 from tests.test_module import BreaksAfter, small_toy, trainer
 
 # NaN and inf ---------------------------------------------------------------------------------
@@ -80,9 +83,6 @@ def test_atomic_checkpoint_survives_a_full_disk(tmp_path, monkeypatch):
 
 def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     """A real run whose checkpoint write fails with ENOSPC (a sitecustomize fault)."""
-    import os
-    import subprocess
-    import sys
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
@@ -114,12 +114,8 @@ class _Payload:
 
 
 def test_malicious_checkpoint_does_not_execute(tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text(
-        "model:\n  _target_: flows.models.realnvp.RealNVP\n  features: 2\n")
-    torch.save({"state_dict": _Payload()}, run / "checkpoints" / "last.ckpt")
+    run = fake_run_folder(tmp_path, "model:\n  _target_: flows.models.realnvp.RealNVP\n"
+                                    "  features: 2\n", {"state_dict": _Payload()})
     Path("/tmp/flows-pwned").unlink(missing_ok=True)
     for command in ("flows.evaluate", "flows.sample"):
         result = run_cli(command, f"ckpt={run}", cwd=tmp_path)
@@ -138,12 +134,8 @@ def test_every_load_in_the_code_is_weights_only():
 
 
 def test_run_config_with_a_foreign_target_is_refused(tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text(
-        "model:\n  _target_: subprocess.run\n  args: [touch, /tmp/flows-pwned-2]\n")
-    torch.save({"state_dict": {}}, run / "checkpoints" / "last.ckpt")
+    run = fake_run_folder(tmp_path, "model:\n  _target_: subprocess.run\n"
+                                    "  args: [touch, /tmp/flows-pwned-2]\n", {"state_dict": {}})
     Path("/tmp/flows-pwned-2").unlink(missing_ok=True)
     result = run_cli("flows.evaluate", f"ckpt={run}", cwd=tmp_path)
     assert result.returncode == 1 and "is refused" in result.stderr

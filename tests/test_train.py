@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import fake_run_folder, run_cli
 
 FAST = ["trainer.max_steps=30", "data.num_train=4096", "data.num_val=1024",
         "data.num_test=2048", "data.batch_size=256", "callbacks.plots.every_n_epochs=1",
@@ -127,13 +127,9 @@ def test_missing_checkpoint_is_one_line(command, tmp_path):
 
 
 def test_truncated_checkpoint_is_refused(trained_run, tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / ".hydra").mkdir()
-    config = (trained_run / ".hydra" / "config.yaml").read_text()
-    (run / ".hydra" / "config.yaml").write_text(config)
     data = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
-    (run / "checkpoints" / "last.ckpt").write_bytes(data[: len(data) // 2])
+    run = fake_run_folder(tmp_path, (trained_run / ".hydra" / "config.yaml").read_text(),
+                          data[: len(data) // 2])
     result = run_cli("flows.evaluate", f"ckpt={run}", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "truncated, corrupt" in result.stderr
@@ -167,14 +163,9 @@ def test_multirun_sweep_gives_each_job_its_own_folder_and_a_summary(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused(trained_run, tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text(
-        "model:\n  _target_: flows.models.iresnet.IResNet\n  features: 2\n  num_blocks: 3\n"
-        "  hidden_features: 7\n")
-    (run / "checkpoints" / "last.ckpt").write_bytes(
-        (trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    run = fake_run_folder(tmp_path, "model:\n  _target_: flows.models.iresnet.IResNet\n"
+                          "  features: 2\n  num_blocks: 3\n  hidden_features: 7\n",
+                          (trained_run / "checkpoints" / "last.ckpt").read_bytes())
     result = run_cli("flows.evaluate", f"ckpt={run}", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "does not match the model in its run config" in result.stderr
