@@ -9,7 +9,7 @@ from torch import Tensor
 
 
 def nll_moments(log_prob: Tensor) -> Tensor:
-    """``(N, sum(-log p), sum(log p ^ 2))`` in float64: additive over batches and ranks."""
+    """``(N, sum(-log p), sum((-log p)^2))`` in float64: additive over batches and ranks."""
     nll = -log_prob.detach().double().flatten()
     return torch.stack([nll.new_tensor(nll.numel()), nll.sum(), nll.square().sum()])
 

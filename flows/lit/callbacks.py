@@ -125,24 +125,20 @@ class FlowDiagnostics(L.Callback):
             rank_zero_warn(f"step {step}: reconstruction error "
                            f"{metrics['diagnostics/reconstruction_error']:.3g} > "
                            f"{self.reconstruction_warning}: the inverse is inaccurate")
-        if residuals:
-            metrics["diagnostics/max_inverse_residual"] = max(residuals.values())
-            unconverged = {n: r for n, r in residuals.items() if r > self.reconstruction_warning}
-            if unconverged:
-                rank_zero_warn(f"step {step}: fixed-point inverses not converged, "
-                               f"max|x + g(x) - z| per block: {unconverged}")
-        if bounds:
-            metrics["diagnostics/max_lipschitz_bound"] = max(bounds.values())
-            broken = {name: bound for name, bound in bounds.items() if bound >= 1.0}
-            if broken:
-                rank_zero_warn(f"step {step}: residual blocks not contractive (Lip bound >= 1): "
-                               f"{broken}; the likelihood is not valid")
-        if saturation:
-            metrics["diagnostics/max_saturated_scale"] = max(saturation.values())
-            saturated = {n: f for n, f in saturation.items() if f > self.saturation_warning}
-            if saturated:
-                rank_zero_warn(f"step {step}: affine couplings with log-scales at their clamp "
-                               f"(fraction of scales): {saturated}")
+        per_layer = [
+            ("max_inverse_residual", residuals, lambda r: r > self.reconstruction_warning,
+             "fixed-point inverses not converged, max|x + g(x) - z| per block"),
+            ("max_lipschitz_bound", bounds, lambda b: b >= 1.0,
+             "residual blocks not contractive (Lip bound >= 1), the likelihood is not valid"),
+            ("max_saturated_scale", saturation, lambda f: f > self.saturation_warning,
+             "affine couplings with log-scales at their clamp (fraction of scales)"),
+        ]
+        for key, values, is_bad, problem in per_layer:
+            if values:
+                metrics[f"diagnostics/{key}"] = max(values.values())
+                bad = {name: value for name, value in values.items() if is_bad(value)}
+                if bad:
+                    rank_zero_warn(f"step {step}: {problem}: {bad}")
         module.log_dict(metrics, sync_dist=False, rank_zero_only=True)
 
 
