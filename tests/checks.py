@@ -43,7 +43,8 @@ def check_bijection(bijection: Bijection, x: Tensor, atol: float = 1e-6) -> None
     bijection = bijection.double().eval()
     x = x.double()
     z, logdet = bijection(x)
-    assert z.shape == x.shape and z.dtype == x.dtype
+    # same batch and dimension (a squeeze rearranges the event shape)
+    assert z.shape[0] == x.shape[0] and z[0].numel() == x[0].numel() and z.dtype == x.dtype
     assert logdet.shape == (x.shape[0],)
     assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
 

@@ -13,6 +13,8 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
@@ -64,20 +66,28 @@ class SpectralNormalization(nn.Module):
         self.n_power_iterations = n_power_iterations
         self.eps = eps
         out_features, in_features = weight.shape
-        u = F.normalize(weight.new_empty(out_features).normal_(), dim=0, eps=eps)
-        v = F.normalize(weight.new_empty(in_features).normal_(), dim=0, eps=eps)
+        u = unit(weight.new_empty(out_features).normal_(), eps)
+        v = unit(weight.new_empty(in_features).normal_(), eps)
         self.register_buffer("u", u)
         self.register_buffer("v", v)
         # 15 steps at construction, as torch's spectral_norm, so the first batch is already close.
         self.power_iterate_(weight.detach(), 15)
+
+    def operator(self, weight: Tensor, v: Tensor) -> Tensor:
+        """The operator ``W v`` whose norm is bounded (here a matrix-vector product)."""
+        return torch.mv(weight, v)
+
+    def operator_adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
+        """Its adjoint ``W^T u``."""
+        return torch.mv(weight.t(), u)
 
     @torch.no_grad()
     def power_iterate_(self, weight: Tensor, num_iterations: int) -> None:
         """Run ``num_iterations`` power-iteration steps on ``u, v`` in place."""
         u, v = self.u, self.v
         for _ in range(num_iterations):
-            v = F.normalize(torch.mv(weight.t(), u), dim=0, eps=self.eps)
-            u = F.normalize(torch.mv(weight, v), dim=0, eps=self.eps)
+            v = unit(self.operator_adjoint(weight, u), self.eps)
+            u = unit(self.operator(weight, v), self.eps)
         self.u.copy_(u)
         self.v.copy_(v)
 
@@ -87,13 +97,14 @@ class SpectralNormalization(nn.Module):
         ``u^T W v = |W v|`` because every step ends with ``u = W v / |W v|``; its gradient
         ``u v^T`` treats ``u, v`` as constants (Miyato et al.).
         """
-        return torch.linalg.vector_norm(torch.mv(weight, self.v))
+        return torch.linalg.vector_norm(self.operator(weight, self.v))
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.training and self.n_power_iterations > 1:
             self.power_iterate_(weight, self.n_power_iterations - 1)
         weight_hat, u, v = spectral_normalize(
-            weight, self.u, self.v, self.coeff, self.eps, update=self.training
+            weight, self.u, self.v, self.coeff, self.eps, update=self.training,
+            apply=self.operator, apply_adjoint=self.operator_adjoint,
         )
         if self.training:
             with torch.no_grad():
@@ -102,22 +113,39 @@ class SpectralNormalization(nn.Module):
         return weight_hat
 
 
+def unit(x: Tensor, eps: float) -> Tensor:
+    """``x / max(|x|, eps)`` with the norm over all elements (a vector or a feature map)."""
+    return x / torch.linalg.vector_norm(x).clamp(min=eps)
+
+
+def _matvec(weight: Tensor, v: Tensor) -> Tensor:
+    return torch.mv(weight, v)
+
+
+def _matvec_adjoint(weight: Tensor, u: Tensor) -> Tensor:
+    return torch.mv(weight.t(), u)
+
+
 def spectral_normalize(
-    weight: Tensor, u: Tensor, v: Tensor, coeff: float, eps: float, update: bool
+    weight: Tensor, u: Tensor, v: Tensor, coeff: float, eps: float, update: bool,
+    apply: Callable[[Tensor, Tensor], Tensor] = _matvec,
+    apply_adjoint: Callable[[Tensor, Tensor], Tensor] = _matvec_adjoint,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(W / max(1, sigma_hat / c), u', v')``, the math of ``SpectralNormalization``, pure.
 
     With ``update`` (training) one power-iteration step first: ``v' = W^T u / |W^T u|``
     (no grad), ``sigma_hat = |W v'|`` (with grad) and ``u' = W v' / sigma_hat``; without it
-    ``sigma_hat = |W v|`` and ``u' = u, v' = v``. The caller stores ``u', v'``.
+    ``sigma_hat = |W v|`` and ``u' = u, v' = v``. The caller stores ``u', v'``. ``apply`` and
+    ``apply_adjoint`` give the operator ``v -> W v`` and its adjoint (matrix products by
+    default; a convolution and its transpose for ``ConvSpectralNormalization``).
     """
     if update:
         with torch.no_grad():
-            v = F.normalize(torch.mv(weight.t(), u), dim=0, eps=eps)
+            v = unit(apply_adjoint(weight, u), eps)
     else:
         # A copy of v: a later training step must not overwrite a tensor saved for backward.
         v = v.clone()
-    weight_v = torch.mv(weight, v)
+    weight_v = apply(weight, v)
     sigma = torch.linalg.vector_norm(weight_v)
     if update:
         u = (weight_v / sigma.clamp(min=eps)).detach()
