@@ -38,3 +38,19 @@ def nll_with_standard_error(log_prob: Tensor) -> tuple[float, float]:
         shape = tuple(log_prob.shape)
         raise ValueError(f"need a 1-D tensor of at least 2 log-densities, got shape {shape}")
     return nll_from_moments(nll_moments(log_prob))
+
+
+def bits_per_dim(nll: Tensor | float, num_dims: int, num_levels: int) -> Tensor | float:
+    """Bits per dimension of the discrete data from the NLL (nats) of its dequantised density.
+
+    For data ``x = (k + u) / L`` in ``[0, 1)^D``, ``bpd = -(log p(x) - D log L) / (D ln 2)``
+    with ``nll = -log p(x)``: the density of ``k + u`` is ``p(x) / L^D``. A uniform density
+    (``log p = 0``) gives exactly ``log2 L``. Linear in ``nll``, so it maps means to means and
+    standard errors by the factor ``1 / (D ln 2)`` (``bits_per_dim_scale``).
+    """
+    return (nll + num_dims * math.log(num_levels)) / (num_dims * math.log(2))
+
+
+def bits_per_dim_scale(num_dims: int) -> float:
+    """``d bpd / d nll = 1 / (D ln 2)``: converts a standard error in nats to bits per dim."""
+    return 1.0 / (num_dims * math.log(2))

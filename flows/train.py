@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from flows.cli import check_config_types, resolve_run_dir, user_errors, write_json
 from flows.data.entropy import TOY_ENTROPY
 from flows.lit.module import DensityModule, NonFiniteError
+from flows.metrics import bits_per_dim
 
 log = logging.getLogger("flows")
 
@@ -52,7 +53,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
     flow.check_input(datamodule.splits["train"][:2])
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DensityModule(flow, instantiate(cfg.optim), scheduler, seed=cfg.seed,
-                           on_nonfinite=cfg.on_nonfinite)
+                           on_nonfinite=cfg.on_nonfinite,
+                           num_levels=getattr(datamodule, "num_levels", None))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -94,6 +96,8 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
         val_nll=None if score is None else float(score),
         best_ckpt=best or None,
     )
+    if module.num_levels and score is not None:
+        results["val_bpd"] = bits_per_dim(float(score), module.num_dims, module.num_levels)
     if cfg.test:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results.update(module.test_result)

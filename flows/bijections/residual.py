@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -237,3 +238,16 @@ class ResidualBlock(Bijection):
         else:
             step = x + self.net(x) - z
         return x + (step.detach() - step)
+
+
+def has_series_logdet(flow: nn.Module) -> bool:
+    """Whether any ``ResidualBlock`` of ``flow`` estimates its log-det by the power series.
+
+    ``"auto"`` blocks count when their event size exceeds ``exact_max_features``, judged from
+    the flow's ``event_shape`` (the blocks of an image flow see squeezed shapes of the same
+    size or, after a factor-out, smaller: still far above the exact threshold).
+    """
+    num_dims = math.prod(getattr(flow, "event_shape", ()) or (0,))
+    return any(block.logdet == "series"
+               or (block.logdet == "auto" and num_dims > block.exact_max_features)
+               for block in flow.modules() if isinstance(block, ResidualBlock))

@@ -1,4 +1,4 @@
-"""Lightning data modules for point data (the only Lightning in ``flows.data``)."""
+"""Lightning data modules for points and images (the only Lightning in ``flows.data``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from flows.data.images import (
+    NATIVE_LEVELS,
+    dequantize,
+    load_digits,
+    load_torchvision,
+    requantize,
+)
 from flows.data.toy import TOY_DATASETS, sample_toy
+from flows.lit.module import step_seed
 
 
 class _Points(Dataset):
@@ -195,3 +203,98 @@ class FileDataModule(PointDataModule):
         num_val, num_test = (max(1, int(f * points.shape[0])) for f in self.fractions)
         val, test, train = np.split(points[order], [num_val, num_val + num_test])
         return train, val, test
+
+
+class ImageDataModule(PointDataModule):
+    """Images as levels, uniformly dequantised to ``[0, 1)``: digits, MNIST, Fashion, CIFAR-10.
+
+    Training batches hold ``uint8`` levels and are dequantised on the device after transfer
+    (``on_after_batch_transfer``) with noise seeded by ``(seed, step, rank)``, so a resumed run
+    sees the same noise. The validation and test splits are dequantised once with fixed noise
+    (from ``seed``): evaluation is repeatable and ``evaluate`` reproduces the test number.
+
+    Splits: ``digits`` (scikit-learn, offline) is shuffled once with a fixed generator into
+    ``num_test`` test, ``num_val`` validation and the remaining training images, the same for
+    every run seed; the torchvision sets keep their own test split and hold out the last
+    ``num_val`` of a fixed shuffle of their training split for validation.
+
+    Args:
+        name: ``digits``, ``mnist``, ``fashion_mnist`` or ``cifar10``.
+        shape: the expected ``(C, H, W)`` (the model configs read it); checked on load.
+        root: folder of the torchvision files (downloaded there when ``download``).
+        download: download missing torchvision files.
+        num_levels: quantisation levels ``L`` (``null``: the data's own, 17 for digits, 256
+            for 8-bit images); fewer merge levels, e.g. 32 for Glow's 5-bit setting.
+        num_val: validation images held out of the training split.
+        num_test: test images (digits only; the torchvision sets have their own).
+        batch_size, eval_batch_size: training and evaluation batch sizes.
+        num_workers: loader processes; 0 is fastest here (batches are slices of an in-memory
+            tensor, a worker would only add a copy).
+        pin_memory: pin batches for faster host-to-GPU copies (ignored without CUDA).
+        seed: the run's seed (training order, dequantisation noise).
+    """
+
+    def __init__(self, name: str, shape: list[int], root: str = "data", download: bool = True,
+                 num_levels: int | None = None, num_val: int = 5000, num_test: int = 297,
+                 batch_size: int = 64, eval_batch_size: int = 500, num_workers: int = 0,
+                 pin_memory: bool = True, seed: int = 0) -> None:
+        if name not in NATIVE_LEVELS:
+            raise ValueError(f"unknown image dataset {name!r}; choose one of "
+                             f"{list(NATIVE_LEVELS)}")
+        super().__init__(0, batch_size, eval_batch_size, seed)
+        self.name = name
+        self.shape = tuple(shape)
+        self.root = root
+        self.download = download
+        self.num_levels = int(num_levels or NATIVE_LEVELS[name])
+        self.num_val = num_val
+        self.num_test = num_test
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def load_levels(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``uint8`` levels of the train, validation and test splits."""
+        split = torch.Generator().manual_seed(0)  # the same split for every run seed
+        if self.name == "digits":
+            images = load_digits()
+            order = torch.randperm(len(images), generator=split)
+            test, val, train = torch.split(images[order], [
+                self.num_test, self.num_val, len(images) - self.num_test - self.num_val])
+        else:
+            train_all = load_torchvision(self.name, self.root, True, self.download)
+            test = load_torchvision(self.name, self.root, False, self.download)
+            order = torch.randperm(len(train_all), generator=split)
+            train, val = torch.split(train_all[order], [len(train_all) - self.num_val,
+                                                        self.num_val])
+        source = NATIVE_LEVELS[self.name]
+        return tuple(requantize(s, source, self.num_levels) for s in (train, val, test))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train, val, test = self.load_levels()
+        if tuple(train.shape[1:]) != self.shape:
+            raise ValueError(f"{self.name} images have shape {tuple(train.shape[1:])} but "
+                             f"data.shape={list(self.shape)}; set data.shape to the images' shape")
+        if min(len(train), len(val), len(test)) < 2:
+            raise ValueError(f"{self.name}: splits of {len(train)} / {len(val)} / {len(test)} "
+                             f"images; every split needs at least 2 (lower data.num_val)")
+        streams = np.random.SeedSequence([self.seed, 1]).generate_state(2)
+        self.splits = {"train": train}
+        for name, levels, stream in (("val", val, streams[0]), ("test", test, streams[1])):
+            generator = torch.Generator().manual_seed(int(stream))
+            self.splits[name] = dequantize(levels, self.num_levels, generator)
+
+    def _loader(self, split: str, batches: Sampler) -> DataLoader:
+        return DataLoader(_Points(self.splits[split]), sampler=batches, batch_size=None,
+                          num_workers=self.num_workers,
+                          pin_memory=self.pin_memory and torch.cuda.is_available())
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+        """Dequantise a training batch of levels on its device: ``(k + u) / L``."""
+        if batch.dtype != torch.uint8:
+            return batch
+        consumed, rank, _ = self._progress()
+        generator = torch.Generator(device=batch.device)
+        generator.manual_seed(step_seed(self.seed, consumed, rank))
+        return dequantize(batch, self.num_levels, generator)

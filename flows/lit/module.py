@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import lightning as L
@@ -11,8 +12,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from flows.bijections.residual import has_series_logdet
 from flows.core import NormalizingFlow, first_nonfinite_bijection
-from flows.metrics import nll_from_moments, nll_moments
+from flows.metrics import bits_per_dim, bits_per_dim_scale, nll_from_moments, nll_moments
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -31,7 +33,11 @@ class DensityModule(L.LightningModule):
     """Trains ``flow`` by minimising the mean negative log-likelihood in nats.
 
     Logs ``train/nll`` every step, ``val/nll`` per validation and, at test time,
-    ``test/nll`` with its standard error over the whole test split (``test_result``).
+    ``test/nll`` with its standard error over the whole test split (``test_result``). For
+    quantised data (``num_levels``) it also logs bits per dimension, ``train/bpd``, ``val/bpd``
+    and ``test/bpd`` (``flows.metrics.bits_per_dim``); where the training log-det is a
+    stochastic estimate (an i-ResNet's power series) the training value is logged as
+    ``train/bpd_estimate``.
 
     A non-finite loss or gradient norm stops training (``on_nonfinite="stop"``) with a
     ``NonFiniteError`` naming the global step and the first layer whose output or log-det is
@@ -49,11 +55,12 @@ class DensityModule(L.LightningModule):
         scheduler: ``optimizer -> LRScheduler`` stepped every training step, or ``None``.
         seed: the run's seed, for the per-step seeds.
         on_nonfinite: ``"stop"`` or ``"skip"``.
+        num_levels: quantisation levels of the data (images), ``None`` for continuous data.
     """
 
     def __init__(self, flow: NormalizingFlow, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, seed: int = 0,
-                 on_nonfinite: str = "stop") -> None:
+                 on_nonfinite: str = "stop", num_levels: int | None = None) -> None:
         super().__init__()
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} must be 'stop' or 'skip'")
@@ -63,6 +70,9 @@ class DensityModule(L.LightningModule):
         self.seed = seed
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
+        self.num_levels = num_levels
+        self.num_dims = math.prod(flow.event_shape)
+        self.train_bpd_key = "train/bpd_estimate" if has_series_logdet(flow) else "train/bpd"
         self._test_moments: Tensor | None = None
         self.test_result: dict[str, float] = {}
 
@@ -78,6 +88,9 @@ class DensityModule(L.LightningModule):
                 f"{self.current_epoch}, batch {batch_idx}), first in {where}"
             )
         self.log("train/nll", loss, prog_bar=True)
+        if self.num_levels:
+            self.log(self.train_bpd_key, bits_per_dim(loss.detach(), self.num_dims,
+                                                      self.num_levels))
         return loss
 
     def _nonfinite(self, message: str) -> None:
@@ -117,6 +130,9 @@ class DensityModule(L.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         nll = -self.flow.log_prob(batch).mean()
         self.log("val/nll", nll, prog_bar=True, batch_size=batch.shape[0])
+        if self.num_levels:
+            self.log("val/bpd", bits_per_dim(nll, self.num_dims, self.num_levels),
+                     batch_size=batch.shape[0])
 
     def on_test_epoch_start(self) -> None:
         self._test_moments = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -132,6 +148,11 @@ class DensityModule(L.LightningModule):
                             "num_test": int(moments[0].item())}
         self.log("test/nll", nll)
         self.log("test/nll_se", standard_error)
+        if self.num_levels:
+            bpd = bits_per_dim(nll, self.num_dims, self.num_levels)
+            bpd_se = standard_error * bits_per_dim_scale(self.num_dims)
+            self.test_result.update(test_bpd=bpd, test_bpd_se=bpd_se)
+            self.log("test/bpd", bpd)
 
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory(self.flow.parameters())
