@@ -79,3 +79,27 @@ def plot_latent(z: np.ndarray, bounds: Bounds = (-4.0, 4.0)) -> Figure:
     ax.set_title("data in latent space")
     fig.tight_layout()
     return fig
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """A ``(H', W', C)`` array in [0, 1] tiling a batch ``(B, C, H, W)``; values are clipped.
+
+    Model samples can leave ``[0, 1]`` slightly (the logit's ``alpha`` margin), hence the clip.
+    """
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=1,
+                     pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def plot_image_grids(grids: dict[str, np.ndarray]) -> Figure:
+    """Image grids side by side, one titled panel each (e.g. samples at several temperatures)."""
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.4), squeeze=False)
+    for ax, (title, grid) in zip(axes[0], grids.items(), strict=True):
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0,
+                  vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

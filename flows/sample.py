@@ -1,7 +1,8 @@
 """Draw samples: ``python -m flows.sample ckpt=<run folder or .ckpt> n=1000 temperature=0.8``.
 
 Decodes ``z ~ N(0, temperature^2 I)`` through the inverse and writes the samples as
-``.npy`` and ``.pt`` files and, for 2-D data, a PNG of the samples beside the data.
+``.npy`` and ``.pt`` files and a PNG: for 2-D data the samples beside the data, for
+images a grid.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from flows.cli import user_errors
-from flows.plots import plot_samples
+from flows.plots import image_grid, plot_image_grids, plot_samples
 from flows.runs import load_trained
 
 log = logging.getLogger("flows")
@@ -36,7 +37,12 @@ def sample(cfg: DictConfig) -> Path:
     stem = out / f"{checkpoint.stem}-n{cfg.n}-T{cfg.temperature}-seed{cfg.seed}"
     np.save(stem.with_suffix(".npy"), samples.numpy())
     torch.save(samples, stem.with_suffix(".pt"))
-    if flow.event_shape == (2,):
+    if len(flow.event_shape) == 3:
+        figure = plot_image_grids({f"{cfg.n} samples, T = {cfg.temperature}": image_grid(
+            samples, nrow=max(1, int(cfg.n ** 0.5)))})
+        figure.savefig(stem.with_suffix(".png"), dpi=110)
+        plt.close(figure)
+    elif flow.event_shape == (2,):
         datamodule = instantiate(run_cfg.data)
         datamodule.setup()
         data = datamodule.splits["val"][: cfg.n].numpy()
