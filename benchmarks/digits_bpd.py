@@ -1,0 +1,164 @@
+"""Digits bits/dim after a fixed wall-clock budget of CPU training, flows beside normflows.
+
+    python benchmarks/digits_bpd.py --minutes 5 --seeds 0 [--models realnvp glow iresnet]
+        [--peer]   # also normflows' Glow (pip install normflows; only for this benchmark)
+
+Each flows model trains through the real command, ``python -m flows.train data=digits
+model=<m> trainer.max_time=<budget> trainer.max_steps=-1``; the test bits/dim is that of the
+best checkpoint by validation NLL over the 297 test images (``results.json``). normflows' Glow
+(2 levels x 8 GlowBlocks, 64 hidden channels, the size of its Glow example, unconditional,
+learned diagonal Gaussian bases) trains in this process for the same budget on the same
+training images and dequantisation scheme, validates every 250 steps and reports the test
+bits/dim of its best validation state. Results go to ``benchmarks/results/digits_bpd.md`` and
+``.json``. Run with nothing else on the machine: it measures what a wall-clock budget buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_flows(model: str, seed: int, minutes: float) -> dict:
+    name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
+    command = [sys.executable, "-m", "flows.train", "data=digits", f"model={model}",
+               f"seed={seed}", f"name={name}", "trainer.max_steps=-1",
+               f"+trainer.max_time={{minutes: {minutes}}}", "trainer.enable_progress_bar=false"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    total = time.perf_counter() - start
+    run = ROOT / "outputs" / f"{model}-digits" / name
+    results = json.loads((run / "results.json").read_text())
+    return {"library": "flows", "model": model, "seed": seed, "steps": results["train_steps"],
+            "fit_s": results["wall_s"], "command_s": round(total, 1),
+            "ms_per_step": 1000 * results["wall_s"] / results["train_steps"],
+            "test_bpd": results["test_bpd"], "test_bpd_se": results["test_bpd_se"],
+            "params": results["num_params"], "run": str(run.relative_to(ROOT)),
+            "command": "python -m flows.train " + " ".join(command[3:])}
+
+
+def normflows_glow(shape: tuple[int, int, int]) -> torch.nn.Module:
+    """normflows' Glow example architecture (unconditional): L = 2 levels, K = 8 blocks."""
+    import normflows as nf
+
+    levels, steps, hidden = 2, 8, 64
+    channels = shape[0]
+    q0, merges, flows = [], [], []
+    for i in range(levels):
+        blocks = [nf.flows.GlowBlock(channels * 2 ** (levels + 1 - i), hidden,
+                                     split_mode="channel", scale=True) for _ in range(steps)]
+        flows.append(blocks + [nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            size = 2 ** (levels - i)
+            latent = (channels * size, shape[1] // size, shape[2] // size)
+        else:
+            size = 2 ** levels
+            latent = (channels * 2 ** (levels + 1), shape[1] // size, shape[2] // size)
+        q0.append(nf.distributions.DiagGaussian(latent))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def run_normflows(seed: int, minutes: float) -> dict:
+    from flows.data.datamodules import ImageDataModule
+    from flows.data.images import dequantize
+    from flows.metrics import bits_per_dim
+
+    data = ImageDataModule("digits", [1, 8, 8], num_val=150, seed=seed)
+    data.setup()
+    torch.manual_seed(seed)
+    model = normflows_glow((1, 8, 8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    train, levels = data.splits["train"], data.num_levels
+    dims = 64
+
+    def bpd(split: str) -> float:
+        model.eval()
+        with torch.no_grad():
+            value = bits_per_dim(-model.log_prob(data.splits[split], None).mean().item(), dims, levels)
+        model.train()
+        return value
+
+    generator = torch.Generator().manual_seed(seed)
+    best = (math.inf, None)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 60 * minutes:
+        batch = train[torch.randint(len(train), (64,), generator=generator)]
+        loss = -model.log_prob(dequantize(batch, levels, generator), None).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        if steps % 250 == 0:
+            value = bpd("val")
+            if value < best[0]:
+                best = (value, {k: v.clone() for k, v in model.state_dict().items()})
+    fit = time.perf_counter() - start
+    final = bpd("test")
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+    return {"library": "normflows", "model": "Glow 2x8, 64 ch", "seed": seed, "steps": steps,
+            "fit_s": round(fit, 1), "ms_per_step": 1000 * fit / steps,
+            "test_bpd": bpd("test"), "final_test_bpd": final,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "digits_bpd.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        f"# Digits bits/dim after {args.minutes} minutes of training",
+        "",
+        f"{date.today()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. "
+        f"`python benchmarks/digits_bpd.py --minutes {args.minutes} --seeds "
+        f"{' '.join(map(str, args.seeds))}{' --peer' if args.peer else ''}`. 1,350 training, "
+        f"150 validation, 297 test images, 17 levels; test bits/dim of the best checkpoint "
+        f"by validation NLL (standard error over test images in brackets).",
+        "",
+        "| library | model | seed | params | steps | ms/step | test bpd |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        se = f" ({r['test_bpd_se']:.3f})" if "test_bpd_se" in r else ""
+        extra = f", final {r['final_test_bpd']:.3f}" if "final_test_bpd" in r else ""
+        lines.append(f"| {r['library']} | {r['model']} | {r['seed']} | {r['params']:,} | "
+                     f"{r['steps']} | {r['ms_per_step']:.1f} | {r['test_bpd']:.3f}{se}{extra} |")
+    lines += ["", "ms/step is the fit time over the steps, validation included.", ""]
+    lines += [f"- `{r['command']}`" for r in rows if "command" in r]
+    (RESULTS / "digits_bpd.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--models", nargs="+", default=["realnvp", "glow", "iresnet"])
+    parser.add_argument("--peer", action="store_true", help="also train normflows' Glow")
+    args = parser.parse_args()
+    rows = []
+    for seed in args.seeds:
+        for model in args.models:
+            rows.append(run_flows(model, seed, args.minutes))
+            print(rows[-1], flush=True)
+            write(rows, args)
+        if args.peer:
+            rows.append(run_normflows(seed, args.minutes))
+            print(rows[-1], flush=True)
+            write(rows, args)
+
+
+if __name__ == "__main__":
+    main()
