@@ -33,9 +33,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def run_flows(model: str, seed: int, minutes: float) -> dict:
     name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
+    budget = int(round(60 * minutes))
+    max_time = f"00:{budget // 3600:02d}:{budget // 60 % 60:02d}:{budget % 60:02d}"
     command = [sys.executable, "-m", "flows.train", "data=digits", f"model={model}",
                f"seed={seed}", f"name={name}", "trainer.max_steps=-1",
-               f"+trainer.max_time={{minutes: {minutes}}}", "trainer.enable_progress_bar=false"]
+               f"++trainer.max_time={max_time}", "trainer.enable_progress_bar=false"]
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     total = time.perf_counter() - start
