@@ -90,7 +90,8 @@ def run_normflows(seed: int, minutes: float) -> dict:
     def bpd(split: str) -> float:
         model.eval()
         with torch.no_grad():
-            value = bits_per_dim(-model.log_prob(data.splits[split], None).mean().item(), dims, levels)
+            nll = -model.log_prob(data.splits[split], None).mean().item()
+        value = bits_per_dim(nll, dims, levels)
         model.train()
         return value
 

@@ -51,6 +51,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
     datamodule.setup()
     flow = instantiate(cfg.model)
     flow.check_input(datamodule.splits["train"][:2])
+    if cfg.get("scheduler") and cfg.scheduler.get("T_max", 1) < 1:
+        raise ValueError(
+            f"scheduler.T_max={cfg.scheduler.T_max}: the cosine schedule needs the number of "
+            f"steps (trainer.max_steps > 0); with a time budget (trainer.max_time) use "
+            f"scheduler=constant"
+        )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DensityModule(flow, instantiate(cfg.optim), scheduler, seed=cfg.seed,
                            on_nonfinite=cfg.on_nonfinite,

@@ -20,7 +20,7 @@ IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 
 
 
 def load_digits() -> Tensor:
-    """scikit-learn's 1,797 8x8 handwritten digits (levels 0..16, no download): ``(N, 1, 8, 8)``."""
+    """scikit-learn's 1,797 8x8 handwritten digits, levels 0..16, offline: ``(N, 1, 8, 8)``."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     images = sklearn_digits().images  # (1797, 8, 8) floats holding the integers 0..16

@@ -1,0 +1,176 @@
+"""Image data, dequantisation and bits per dimension against known values."""
+
+import math
+import struct
+import urllib.error
+import urllib.request
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from flows.bijections.normalization import ActNorm
+from flows.core import Compose, NormalizingFlow
+from flows.data.datamodules import ImageDataModule
+from flows.data.images import dequantize, requantize
+from flows.distributions import StandardNormal
+from flows.evaluation import monte_carlo_se, terms_for_bias, truncation_bias_bound
+from flows.lit.module import DensityModule
+from flows.metrics import bits_per_dim, bits_per_dim_scale
+
+
+@pytest.mark.parametrize("num_levels", [2, 17, 32, 256])
+def test_uniform_density_is_log2_levels_bits_per_dim(num_levels):
+    # log p(x) = 0 on [0, 1)^D: the discrete data has probability 1 / L per dimension
+    assert bits_per_dim(0.0, 784, num_levels) == pytest.approx(math.log2(num_levels), abs=1e-12)
+
+
+def test_gaussian_flow_bits_per_dim_is_its_closed_form():
+    """x = mu + sigma * z per dimension: log p(x) is a sum of normal log-densities."""
+    shift, log_scale = torch.tensor([0.4, 0.6]), torch.tensor([-1.5, -2.0])
+    actnorm = ActNorm(2)
+    with torch.no_grad():
+        actnorm.shift.copy_(shift)
+        actnorm.log_scale.copy_(log_scale)
+    flow = NormalizingFlow(Compose(actnorm), StandardNormal((2, 3, 3))).eval()
+    x = torch.rand(5, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    expected = norm.logpdf(x.numpy(), loc=shift.view(1, 2, 1, 1).numpy(),
+                           scale=np.exp(log_scale.view(1, 2, 1, 1).numpy()))
+    expected = expected.reshape(5, -1).sum(1)
+    log_prob = flow.log_prob(x)
+    np.testing.assert_allclose(log_prob.detach().numpy(), expected, rtol=1e-5)
+    # bpd = -(log p - D log L) / (D ln 2) term by term
+    bpd = bits_per_dim(-float(log_prob.mean()), 18, 256)
+    assert bpd == pytest.approx(-(expected.mean() - 18 * math.log(256)) / (18 * math.log(2)))
+    assert bits_per_dim_scale(18) == pytest.approx(1 / (18 * math.log(2)))
+
+
+def test_dequantization_fills_each_level_cell():
+    levels = torch.arange(17, dtype=torch.uint8).repeat(2000)
+    x = dequantize(levels, 17, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() < 1
+    cell = torch.floor(x * 17).to(torch.uint8)
+    assert torch.equal(cell, levels)  # (k + u) / L stays in [k / L, (k + 1) / L)
+    offset = (x * 17 - levels.float()).mean()
+    assert abs(float(offset) - 0.5) < 0.01  # u ~ U[0, 1): mean 1/2, SE 0.0016
+
+
+def test_requantize_keeps_the_top_bits():
+    levels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(requantize(levels, 256, 32), levels // 8)
+    with pytest.raises(ValueError, match="num_levels"):
+        requantize(levels, 17, 32)
+
+
+def test_digits_splits_are_fixed_and_noise_follows_the_seed():
+    first = ImageDataModule("digits", [1, 8, 8], num_val=150, seed=0)
+    second = ImageDataModule("digits", [1, 8, 8], num_val=150, seed=1)
+    first.setup()
+    second.setup()
+    sizes = [len(first.splits[s]) for s in ("train", "val", "test")]
+    assert sizes == [1350, 150, 297]
+    assert first.splits["train"].dtype == torch.uint8 and first.num_levels == 17
+    assert torch.equal(first.splits["train"], second.splits["train"])  # same images
+    # the same test images, dequantised with each seed's own fixed noise
+    levels = [torch.floor(data.splits["test"] * 17) for data in (first, second)]
+    assert torch.equal(*levels)
+    assert not torch.equal(first.splits["test"], second.splits["test"])
+    all_images = torch.cat([first.splits["train"].float(),
+                            torch.floor(first.splits["val"] * 17),
+                            torch.floor(first.splits["test"] * 17)])
+    assert len(torch.unique(all_images.flatten(1), dim=0)) > 1700  # no image in two splits twice
+
+
+def test_wrong_shape_is_named():
+    with pytest.raises(ValueError, match=r"data.shape=\[1, 28, 28\]"):
+        ImageDataModule("digits", [1, 28, 28], num_val=150).setup()
+
+
+def write_idx(path, array):
+    """An IDX file (MNIST's format): magic 0x0000080<ndim>, big-endian sizes, raw uint8."""
+    header = struct.pack(">I", 0x800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def fake_mnist(root, folder="MNIST", num_train=40, num_test=12):
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (num_train, 28, 28))
+    test = rng.integers(0, 256, (num_test, 28, 28))
+    write_idx(raw / "train-images-idx3-ubyte", train)
+    write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, num_train))
+    write_idx(raw / "t10k-images-idx3-ubyte", test)
+    write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, num_test))
+    return train, test
+
+
+@pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"),
+                                              ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_sets_load_from_idx_files_offline(tmp_path, name, folder):
+    train, test = fake_mnist(tmp_path, folder)
+    data = ImageDataModule(name, [1, 28, 28], root=str(tmp_path), download=False, num_val=8)
+    data.setup()
+    assert data.num_levels == 256
+    assert len(data.splits["train"]) == 32 and len(data.splits["val"]) == 8
+    loaded = torch.cat([data.splits["train"].float(), torch.floor(data.splits["val"] * 256)])
+    expected = torch.from_numpy(train).float().unsqueeze(1)
+    # the same 40 training images, in the module's fixed shuffled order
+    assert sorted(map(tuple, loaded.flatten(1).tolist())) == sorted(
+        map(tuple, expected.flatten(1).tolist()))
+    assert torch.equal(torch.floor(data.splits["test"] * 256),
+                       torch.from_numpy(test).float().unsqueeze(1))
+
+
+def test_missing_files_say_where_they_go(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"MNIST/raw.*download=false"):
+        ImageDataModule("mnist", [1, 28, 28], root=str(tmp_path), download=False).setup()
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match=r"could not be downloaded.*data.root"):
+        ImageDataModule("mnist", [1, 28, 28], root=str(tmp_path), download=True).setup()
+
+
+class UniformDensity(NormalizingFlow):
+    """A test double with log p(x) = 0 on [0, 1)^D: the uniform density."""
+
+    def log_prob(self, x):
+        return x.flatten(1).sum(1) * 0.0
+
+
+def test_module_reports_log2_levels_for_the_uniform_density():
+    flow = UniformDensity(Compose(), StandardNormal((1, 8, 8)))
+    data = ImageDataModule("digits", [1, 8, 8], num_val=150)
+    module = DensityModule(flow, lambda p: torch.optim.SGD(p, lr=0.1), num_levels=17)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, inference_mode=False)
+    trainer.test(module, datamodule=data, verbose=False)
+    assert module.test_result["test_bpd"] == pytest.approx(math.log2(17), abs=1e-12)
+    assert module.test_result["test_bpd_se"] == 0.0
+
+
+@pytest.mark.parametrize("lipschitz", [0.5, 0.9])
+def test_truncation_bias_bound_holds_and_is_tight(lipschitz):
+    """log det(I + J) against its n-term series for J = -L I (the worst case)."""
+    eigenvalues = torch.tensor([-lipschitz, -lipschitz], dtype=torch.float64)
+    exact = torch.log1p(eigenvalues).sum()
+    for num_terms in (1, 5, 20):
+        series = sum((-1) ** (k + 1) * (eigenvalues ** k).sum() / k
+                     for k in range(1, num_terms + 1))
+        bias_per_dim = float(abs(exact - series)) / 2
+        bound = truncation_bias_bound([lipschitz], num_terms)
+        assert bias_per_dim <= bound
+        assert bias_per_dim >= bound / 4  # within a small factor for the extreme eigenvalue
+    terms = terms_for_bias([lipschitz, lipschitz], 1e-4)
+    assert truncation_bias_bound([lipschitz] * 2, terms) <= 1e-4
+    assert truncation_bias_bound([lipschitz] * 2, terms - 1) > 1e-4
+
+
+def test_monte_carlo_standard_error():
+    assert monte_carlo_se([1.0, 3.0]) == pytest.approx(1.0)  # std sqrt(2) over sqrt(2)
+    assert monte_carlo_se([2.0]) == math.inf

@@ -1,0 +1,102 @@
+"""The command line on images (offline digits): train, evaluate, sample, bad input."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from tests.conftest import run_cli
+
+FAST = ["data=digits", "trainer.max_steps=20", "trainer.val_check_interval=10",
+        "callbacks.image_samples.every_n_validations=1", "callbacks.image_samples.num_samples=16",
+        "callbacks.image_samples.num_reconstructions=8", "callbacks.diagnostics.num_points=32"]
+SMALL = {
+    "realnvp": ["model.hidden_channels=8", "model.num_couplings=2"],
+    "glow": ["model.hidden_channels=8", "model.num_steps=2"],
+    "iresnet": ["model.hidden_channels=8", "model.num_blocks=2", "model.eval_num_probes=2"],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SMALL))
+def image_run(request, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp(request.param)
+    run_dir = cwd / "run"
+    result = run_cli("flows.train", f"model={request.param}", f"hydra.run.dir={run_dir}",
+                     *FAST, *SMALL[request.param], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return request.param, run_dir
+
+
+def test_image_run_reports_bits_per_dim_and_draws_grids(image_run):
+    model, run = image_run
+    results = json.loads((run / "results.json").read_text())
+    assert results["num_test"] == 297 and results["train_steps"] == 20
+    # bpd and nats are one formula apart: bpd = (nll + D ln 17) / (D ln 2), D = 64
+    expected = (results["test_nll"] + 64 * math.log(17)) / (64 * math.log(2))
+    assert results["test_bpd"] == pytest.approx(expected)
+    assert results["test_bpd_se"] == pytest.approx(results["test_nll_se"] / (64 * math.log(2)))
+    assert 0.5 < results["test_bpd"] < math.log2(17) + 1  # trained 20 steps: near uniform
+    for kind in ("samples", "reconstructions"):
+        assert (run / "plots" / "final" / f"{kind}.png").stat().st_size > 5000
+        assert (run / "plots" / "step_000020" / f"{kind}.png").is_file()
+    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    train_key = "train/bpd_estimate" if model == "iresnet" else "train/bpd"
+    assert train_key in columns and "val/bpd" in columns
+    assert ("train/bpd" in columns) == (model != "iresnet")
+
+
+def test_evaluate_gives_test_bits_per_dim_with_its_accuracy(image_run, tmp_path):
+    model, run = image_run
+    out = tmp_path / "eval.json"
+    result = run_cli("flows.evaluate", f"ckpt={run}", f"out={out}", "max_passes=3",
+                     "max_bias=1e-3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads(out.read_text())
+    results = json.loads((run / "results.json").read_text())
+    assert evaluation["num_points"] == 297 and evaluation["num_levels"] == 17
+    if model != "iresnet":  # exact log-det: the same number as at the end of training
+        assert evaluation["bpd"] == pytest.approx(results["test_bpd"], abs=1e-5)
+        assert "series_estimate" not in evaluation
+        return
+    estimate = evaluation["series_estimate"]
+    assert estimate["truncation_bias_bound"] <= 1e-3 and estimate["unit"] == "bits/dim"
+    assert 2 <= estimate["passes"] <= 3 and estimate["num_terms"] >= 5
+    # the training-time test used 20 terms x 2 probes: the same value within the noise
+    assert evaluation["bpd"] == pytest.approx(results["test_bpd"], abs=0.02)
+
+
+def test_sample_writes_an_image_grid(image_run, tmp_path):
+    _, run = image_run
+    result = run_cli("flows.sample", f"ckpt={run}", "n=16", "temperature=0.7",
+                     f"out={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert next(tmp_path.glob("*.png")).stat().st_size > 2000
+    assert next(tmp_path.glob("*.npy")).is_file()
+
+
+BAD_IMAGE_INPUT = [
+    (["model=glow", "data=moons"], "Glow models images of shape (channels, height, width)"),
+    (["model=realnvp", "data.shape=[1,9,9]"], "data.shape=[1, 9, 9]"),
+    (["model=realnvp", "model.num_scales=4"], "height and width must be even"),
+    (["model=glow", "data.num_levels=64"], "num_levels=64 must be in [2, 17]"),
+    (["model=realnvp", "data=mnist", "data.download=false"], "no dataset files in"),
+    (["model=realnvp", "trainer.max_steps=-1", "scheduler=cosine"], "scheduler=constant"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_IMAGE_INPUT)
+def test_bad_image_input_fails_in_one_line(overrides, expected, tmp_path):
+    other_data = any(o.startswith("data=") for o in overrides)
+    fast = [o for o in FAST if not (other_data and o.startswith("data="))]
+    if "data=moons" in overrides:
+        fast = [o for o in fast if "image_samples" not in o]
+    if "data=mnist" in overrides:
+        fast.append(f"data.root={tmp_path / 'none'}")
+    result = run_cli("flows.train", *fast, *overrides, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr, result.stderr[-2000:]
+    outputs = tmp_path / "outputs"
+    assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))
