@@ -24,6 +24,13 @@ from flows.plots import (
 )
 
 
+def figure_to_tensorboard(trainer: L.Trainer, tag: str, figure: Figure) -> None:
+    """Add ``figure`` to every TensorBoard logger of ``trainer`` at the current step."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
+
+
 class ToyPlots(L.Callback):
     """Samples over the data, the density heatmap and the latent view of 2-D flows.
 
@@ -79,14 +86,9 @@ class ToyPlots(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         for kind, figure in figures.items():
             figure.savefig(folder / f"{kind}.png", dpi=110)
-            self._to_tensorboard(trainer, f"{kind}/{name.split('_')[0]}", figure)
+            figure_to_tensorboard(trainer, f"{kind}/{name.split('_')[0]}", figure)
             plt.close(figure)
 
-    @staticmethod
-    def _to_tensorboard(trainer: L.Trainer, tag: str, figure: Figure) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
 
 
 class ImageSamples(L.Callback):
@@ -151,7 +153,7 @@ class ImageSamples(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         for kind, figure in figures.items():
             figure.savefig(folder / f"{kind}.png", dpi=110)
-            ToyPlots._to_tensorboard(trainer, f"{kind}/{name.split('_')[0]}", figure)
+            figure_to_tensorboard(trainer, f"{kind}/{name.split('_')[0]}", figure)
             plt.close(figure)
 
 
