@@ -1,8 +1,10 @@
 """Normalizing flows trained by exact maximum likelihood.
 
 The library (``flows.core``, ``flows.distributions``, ``flows.bijections``, ``flows.nn``,
-``flows.models``, ``flows.metrics``, ``flows.data.toy``) imports only torch, numpy and scipy;
-Lightning and Hydra live in ``flows.lit``, ``flows.data.datamodules`` and the entry points.
+``flows.models``, ``flows.metrics``, ``flows.evaluation``, ``flows.data.toy``,
+``flows.data.images``) imports only torch, numpy and scipy (torchvision and scikit-learn for
+image data); Lightning and Hydra live in ``flows.lit``, ``flows.data.datamodules`` and the entry
+points.
 """
 
 from flows.core import Bijection, Compose, Inverse, NormalizingFlow

@@ -6,6 +6,9 @@ LIBRARY = [
     "flows.bijections.coupling", "flows.bijections.normalization", "flows.bijections.permutation",
     "flows.bijections.residual", "flows.nn.mlp", "flows.nn.lipschitz", "flows.models.realnvp",
     "flows.models.iresnet", "flows.data.toy", "flows.data.entropy",
+    "flows.bijections.elementwise", "flows.bijections.reshape", "flows.bijections.conv",
+    "flows.nn.conv", "flows.nn.lipschitz_conv", "flows.models.multiscale", "flows.data.images",
+    "flows.evaluation", "flows.diagnostics",
 ]
 
 

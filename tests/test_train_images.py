@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import run_cli
 
 FAST = ["data=digits", "trainer.max_steps=20", "trainer.val_check_interval=10",
+        "trainer.log_every_n_steps=5",
         "callbacks.image_samples.every_n_validations=1", "callbacks.image_samples.num_samples=16",
         "callbacks.image_samples.num_reconstructions=8", "callbacks.diagnostics.num_points=32"]
 SMALL = {
@@ -79,7 +80,7 @@ def test_sample_writes_an_image_grid(image_run, tmp_path):
 BAD_IMAGE_INPUT = [
     (["model=glow", "data=moons"], "Glow models images of shape (channels, height, width)"),
     (["model=realnvp", "data.shape=[1,9,9]"], "data.shape=[1, 9, 9]"),
-    (["model=realnvp", "model.num_scales=4"], "height and width must be even"),
+    (["model=realnvp", "model.num_scales=5"], "height and width must be even"),
     (["model=glow", "data.num_levels=64"], "num_levels=64 must be in [2, 17]"),
     (["model=realnvp", "data=mnist", "data.download=false"], "no dataset files in"),
     (["model=realnvp", "trainer.max_steps=-1", "scheduler=cosine"], "scheduler=constant"),

@@ -24,11 +24,17 @@ from flows.plots import (
 )
 
 
-def figure_to_tensorboard(trainer: L.Trainer, tag: str, figure: Figure) -> None:
-    """Add ``figure`` to every TensorBoard logger of ``trainer`` at the current step."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
+def save_figures(trainer: L.Trainer, figures: dict[str, Figure], name: str) -> None:
+    """``<run>/plots/<name>/<kind>.png`` and TensorBoard images tagged ``<kind>/<stage>``."""
+    folder = Path(trainer.default_root_dir) / "plots" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, figure in figures.items():
+        figure.savefig(folder / f"{kind}.png", dpi=110)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(f"{kind}/{name.split('_')[0]}", figure,
+                                             trainer.global_step, close=False)
+        plt.close(figure)
 
 
 class ToyPlots(L.Callback):
@@ -82,13 +88,7 @@ class ToyPlots(L.Callback):
             "density": plot_density(axis, density),
             "latent": plot_latent(z.cpu().numpy()),
         }
-        folder = Path(trainer.default_root_dir) / "plots" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for kind, figure in figures.items():
-            figure.savefig(folder / f"{kind}.png", dpi=110)
-            figure_to_tensorboard(trainer, f"{kind}/{name.split('_')[0]}", figure)
-            plt.close(figure)
-
+        save_figures(trainer, figures, name)
 
 
 class ImageSamples(L.Callback):
@@ -149,12 +149,7 @@ class ImageSamples(L.Callback):
                 "data": image_grid(data, nrow), f"reconstructed (max error {error:.1e})":
                 image_grid(reconstructed, nrow)}),
         }
-        folder = Path(trainer.default_root_dir) / "plots" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for kind, figure in figures.items():
-            figure.savefig(folder / f"{kind}.png", dpi=110)
-            figure_to_tensorboard(trainer, f"{kind}/{name.split('_')[0]}", figure)
-            plt.close(figure)
+        save_figures(trainer, figures, name)
 
 
 class FlowDiagnostics(L.Callback):
