@@ -125,6 +125,26 @@ def test_conv_spectral_norm_bounds_the_operator_not_the_kernel():
     assert bounds[""] == pytest.approx(0.7 ** 3, rel=1e-3)
 
 
+def test_conv_layers_meet_c_in_eval_after_training_moved_the_weights():
+    """One power step per training step trails moving weights; eval converges first."""
+    torch.manual_seed(0)
+    shape = (2, 4, 4)
+    net = LipschitzConvNet(shape, hidden_channels=6, coeff=0.9)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    x = torch.randn(8, *shape)
+    for _ in range(20):  # big steps: the weights move faster than one power step tracks
+        loss = -net(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    for conv, in_channels in zip(net.convs, (2, 6, 6), strict=True):
+        matrix = conv_operator_matrix(conv, (in_channels, 4, 4))
+        assert float(torch.linalg.matrix_norm(matrix.detach(), ord=2)) <= 0.9 * (1 + 1e-3)
+
+
 def test_conv_iresnet_series_matches_the_exact_logdet():
     torch.manual_seed(0)
     flow = ConvIResNet((1, 4, 4), num_scales=1, num_blocks=2, hidden_channels=4,

@@ -30,7 +30,8 @@ class ConvSpectralNormalization(SpectralNormalization):
     ``u`` has the output's shape ``(1, out, H, W)`` and ``v`` the input's ``(1, in, H, W)``
     (stride 1, ``padding = k // 2``, so both are ``H x W``); the power iteration is
     ``v <- conv_transpose(u) / |.|``, ``u <- conv(v) / |.|`` and ``sigma_hat = |conv(v)|``,
-    otherwise exactly ``SpectralNormalization`` (updated in every training forward).
+    otherwise exactly ``SpectralNormalization`` (updated in every training forward, converged
+    at the first evaluation after training).
 
     Args:
         weight: the kernel ``(out, in, k, k)``, ``k`` odd.
@@ -60,6 +61,7 @@ class ConvSpectralNormalization(SpectralNormalization):
                                        .normal_(), eps))
         self.register_buffer("v", unit(weight.new_empty(1, *input_shape).normal_(), eps))
         self.power_iterate_(weight.detach(), 15)
+        self.stale = True
 
     def operator(self, weight: Tensor, v: Tensor) -> Tensor:
         return F.conv2d(v, weight, padding=self.padding)
