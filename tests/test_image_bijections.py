@@ -170,3 +170,20 @@ def test_resnet_conditioner_starts_at_zero():
     net = ConvResNet(3, 6, 8, 2)
     assert torch.equal(net(torch.randn(2, 3, 4, 4)), torch.zeros(2, 6, 4, 4))
     assert isinstance(net[-1], nn.Conv2d)
+
+
+def test_loading_weights_makes_eval_converge_again():
+    torch.manual_seed(0)
+    shape = (2, 4, 4)
+    net = LipschitzConvNet(shape, hidden_channels=4, coeff=0.8).eval()
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        net(x)  # converged for the initial weights
+        other = LipschitzConvNet(shape, hidden_channels=4, coeff=0.8)
+        for conv in other.convs:
+            conv.parametrizations.weight.original.mul_(4.0)
+        net.load_state_dict(other.state_dict())
+        net(x)
+    for conv, in_channels in zip(net.convs, (2, 4, 4), strict=True):
+        matrix = conv_operator_matrix(conv, (in_channels, 4, 4))
+        assert float(torch.linalg.matrix_norm(matrix.detach(), ord=2)) <= 0.8 * (1 + 1e-4)

@@ -108,19 +108,26 @@ class SpectralNormalization(nn.Module):
 
     @torch.no_grad()
     def converge_(self, weight: Tensor, max_iterations: int = 1000, rtol: float = 1e-6) -> int:
-        """Power-iterate until ``|sigma_k - sigma_{k-1}| <= rtol sigma_k``; returns the steps.
+        """Power-iterate until ``sigma_hat`` is within ``rtol`` of its limit; returns the steps.
 
-        The estimate rises to ``sigma`` geometrically; in float32 keep ``rtol`` above ~1e-7.
+        The estimate rises to ``sigma`` geometrically, ``sigma - sigma_k ~ r^k``, so after a
+        change ``d_k = sigma_k - sigma_{k-1}`` about ``d_k r / (1 - r)`` remains, with
+        ``r ~ d_k / d_{k-1}``; it stops when that is at most ``rtol * sigma_k`` (a bare small
+        change stops too early when the top singular values are close). In float32 keep
+        ``rtol`` above ~1e-7.
         """
-        previous = self.sigma(weight)
+        previous = float(self.sigma(weight))
+        previous_change = None
         steps = max_iterations
         for step in range(1, max_iterations + 1):
             self.power_iterate_(weight, 1)
-            sigma = self.sigma(weight)
-            if bool(torch.abs(sigma - previous) <= rtol * sigma):
+            sigma = float(self.sigma(weight))
+            change = abs(sigma - previous)
+            ratio = min(change / previous_change, 0.999) if previous_change else 0.0
+            if change * ratio / (1.0 - ratio) <= rtol * sigma and (previous_change or not change):
                 steps = step
                 break
-            previous = sigma
+            previous, previous_change = sigma, change
         self.stale = False
         return steps
 
