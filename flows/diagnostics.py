@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flows.bijections.coupling import AffineCoupling, soft_clamp
+from flows.bijections.coupling import AffineCoupling, CheckerboardCoupling, soft_clamp
 from flows.bijections.residual import ResidualBlock
 from flows.core import NormalizingFlow
 from flows.nn.lipschitz_conv import conv_operator_norm
@@ -52,20 +52,30 @@ def _layer_norm(layer: nn.Linear | nn.Conv2d) -> float:
 
 @torch.no_grad()
 def saturated_scales(flow: nn.Module, x: Tensor, level: float = 0.95) -> dict[str, float]:
-    """For every ``AffineCoupling``: the fraction of log-scales with ``|s| >= level * clamp``.
+    """For every affine coupling: the fraction of log-scales with ``|s| >= level * clamp``.
 
     A coupling whose scales sit at the soft clamp has lost its gradient there (``tanh`` is
-    flat): a sign of a collapsing or exploding layer. Runs ``flow(x)`` once with hooks.
+    flat): a sign of a collapsing or exploding layer. Counts every ``AffineCoupling`` scale and
+    the transformed pixels of every affine ``CheckerboardCoupling``. Runs ``flow(x)`` once with
+    hooks on the conditioner networks.
     """
     fractions: dict[str, float] = {}
     handles = []
     for name, module in flow.named_modules():
         if isinstance(module, AffineCoupling):
-            def hook(conditioner: nn.Module, args: tuple, params: Tensor,
-                     name: str = name, clamp: float = module.log_scale_clamp) -> None:
-                s = soft_clamp(params.chunk(2, dim=1)[0], clamp)
-                fractions[name] = float((s.abs() >= level * clamp).float().mean())
-            handles.append(module.conditioner.register_forward_hook(hook))
+            network, free = module.conditioner, None
+        elif isinstance(module, CheckerboardCoupling) and not module.additive:
+            network, free = module.net, (1.0 - module.mask).bool()
+        else:
+            continue
+
+        def hook(network: nn.Module, args: tuple, params: Tensor, name: str = name,
+                 clamp: float = module.log_scale_clamp, free: Tensor | None = free) -> None:
+            saturated = soft_clamp(params.chunk(2, dim=1)[0], clamp).abs() >= level * clamp
+            if free is not None:  # only the transformed pixels carry a scale
+                saturated = saturated[..., free]
+            fractions[name] = float(saturated.float().mean())
+        handles.append(network.register_forward_hook(hook))
     try:
         flow(x)
     finally:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from flows.bijections.residual import ResidualBlock, has_series_logdet
 from flows.cli import user_errors, write_json
 from flows.data.entropy import TOY_ENTROPY
+from flows.data.images import dequantize
 from flows.diagnostics import residual_lipschitz_bounds
 from flows.evaluation import (
     log_prob_passes,
@@ -55,6 +56,8 @@ def evaluate(cfg: DictConfig) -> dict:
     points = datamodule.splits[cfg.split]
     num_dims = math.prod(flow.event_shape)
     num_levels = getattr(datamodule, "num_levels", None)
+    if not points.is_floating_point():  # image training levels: dequantise with fixed noise
+        points = dequantize(points, num_levels, torch.Generator().manual_seed(run_cfg.seed))
     # Images report bits/dim; the accuracy targets are in that unit, else nats per sample.
     se_scale = bits_per_dim_scale(num_dims) if num_levels else 1.0
     estimator = None

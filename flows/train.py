@@ -104,6 +104,10 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
     )
     if module.num_levels and score is not None:
         results["val_bpd"] = bits_per_dim(float(score), module.num_dims, module.num_levels)
+    if module.train_bpd_key.endswith("estimate"):
+        results["logdet"] = ("power-series estimate (the model's eval_num_terms and "
+                             "eval_num_probes); python -m flows.evaluate chooses the terms for a "
+                             "stated truncation bias and reports the Monte Carlo error")
     if cfg.test:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results.update(module.test_result)

@@ -187,3 +187,16 @@ def test_loading_weights_makes_eval_converge_again():
     for conv, in_channels in zip(net.convs, (2, 4, 4), strict=True):
         matrix = conv_operator_matrix(conv, (in_channels, 4, 4))
         assert float(torch.linalg.matrix_norm(matrix.detach(), ord=2)) <= 0.8 * (1 + 1e-4)
+
+
+def test_saturated_scales_counts_checkerboard_couplings():
+    from flows.diagnostics import saturated_scales
+
+    net = ConvResNet(1, 2, 4, 0)
+    layer = CheckerboardCoupling(net, 4, 4, parity=0, log_scale_clamp=2.0)
+    flow = Compose(layer)
+    x = torch.rand(3, 1, 4, 4)
+    assert saturated_scales(flow, x) == {"bijections.0": 0.0}  # zero-initialised: s = 0
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.tensor([50.0, 0.0]))  # every s_raw huge: s at the clamp
+    assert saturated_scales(flow, x) == {"bijections.0": 1.0}

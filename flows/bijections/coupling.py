@@ -69,7 +69,8 @@ class Coupling(Bijection):
         activation: the conditioner's nonlinearity class.
         conditioner: a network to use instead of the MLP, mapping ``(B, |a|, *spatial)`` to
             ``(B, params_per_feature * |b|, *spatial)`` (for images: channel-wise coupling
-            with a convolutional conditioner); it should output 0 at initialisation.
+            with a convolutional conditioner); it should output 0 at initialisation. When given,
+            ``hidden_features``, ``num_hidden`` and ``activation`` are not used.
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class Coupling(Bijection):
             )
         self.register_buffer("index_a", mask.nonzero().squeeze(1))
         self.register_buffer("index_b", (~mask).nonzero().squeeze(1))
-        self.conditioner = conditioner or MLP(
+        self.conditioner = conditioner if conditioner is not None else MLP(
             in_features=len(self.index_a),
             out_features=params_per_feature * len(self.index_b),
             hidden_features=hidden_features,

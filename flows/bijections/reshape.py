@@ -18,7 +18,8 @@ def squeezed_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if height % 2 or width % 2:
         raise ValueError(
             f"cannot squeeze images of shape {tuple(shape)}: height and width must be even at "
-            f"every scale; use fewer scales (model.num_scales) or crop/pad the images"
+            f"every scale; use fewer scales (model.num_scales, for Glow model.num_levels) or "
+            f"crop/pad the images"
         )
     return 4 * channels, height // 2, width // 2
 

@@ -19,7 +19,7 @@ from flows.data.images import (
     requantize,
 )
 from flows.data.toy import TOY_DATASETS, sample_toy
-from flows.lit.module import step_seed
+from flows.seeds import DATA_STREAM, step_seed
 
 
 class _Points(Dataset):
@@ -209,9 +209,12 @@ class ImageDataModule(PointDataModule):
     """Images as levels, uniformly dequantised to ``[0, 1)``: digits, MNIST, Fashion, CIFAR-10.
 
     Training batches hold ``uint8`` levels and are dequantised on the device after transfer
-    (``on_after_batch_transfer``) with noise seeded by ``(seed, step, rank)``, so a resumed run
-    sees the same noise. The validation and test splits are dequantised once with fixed noise
-    (from ``seed``): evaluation is repeatable and ``evaluate`` reproduces the test number.
+    (``on_after_batch_transfer``) with noise seeded by ``(seed, step, rank)`` in its own stream
+    (``flows.seeds.DATA_STREAM``: the model's Hutchinson probes must not reuse its bits), so a
+    resumed run sees the same noise. With gradient accumulation the micro-batches of one
+    optimizer step share a noise seed (over different images). The validation and test splits
+    are dequantised once with fixed noise (from ``seed``): evaluation is repeatable and
+    ``evaluate`` reproduces the test number.
 
     Splits: ``digits`` (scikit-learn, offline) is shuffled once with a fixed generator into
     ``num_test`` test, ``num_val`` validation and the remaining training images, the same for
@@ -296,5 +299,5 @@ class ImageDataModule(PointDataModule):
             return batch
         consumed, rank, _ = self._progress()
         generator = torch.Generator(device=batch.device)
-        generator.manual_seed(step_seed(self.seed, consumed, rank))
+        generator.manual_seed(step_seed(self.seed, consumed, rank, DATA_STREAM))
         return dequantize(batch, self.num_levels, generator)

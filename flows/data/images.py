@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import Tensor
 
 # Levels of each source and the event shape of its images.
@@ -63,10 +64,13 @@ def load_torchvision(name: str, root: str | Path, train: bool, download: bool,
 
 
 def _download(cls: type, name: str, root: str | Path, train: bool, timeout_s: float) -> object:
+    """Download under a file lock: ranks started together (torchrun) download once, in turn."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
+    Path(root).mkdir(parents=True, exist_ok=True)
     try:
-        return cls(str(root), train=train, download=True)
+        with FileLock(str(Path(root) / f".{name}.download.lock")):
+            return cls(str(root), train=train, download=True)
     except (OSError, RuntimeError) as error:
         reason = " ".join(str(error).split())[:160] or type(error).__name__
         raise FileNotFoundError(
@@ -93,6 +97,9 @@ def requantize(levels: Tensor, source_levels: int, num_levels: int) -> Tensor:
 
 
 def dequantize(levels: Tensor, num_levels: int, generator: torch.Generator) -> Tensor:
-    """``(k + u) / num_levels`` with ``u ~ U[0, 1)`` drawn from ``generator``: floats in [0, 1)."""
+    """``(k + u) / num_levels`` with ``u ~ U[0, 1)`` from ``generator``: floats in ``[0, 1]``.
+
+    (1.0 itself only by float32 rounding of ``L - 1 + u`` for ``u`` within 1e-5 of 1.)
+    """
     noise = torch.rand(levels.shape, generator=generator, device=levels.device)
     return (levels.float() + noise) / num_levels

@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable, Iterable
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -15,6 +14,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from flows.bijections.residual import has_series_logdet
 from flows.core import NormalizingFlow, first_nonfinite_bijection
 from flows.metrics import bits_per_dim, bits_per_dim_scale, nll_from_moments, nll_moments
+from flows.seeds import step_seed
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -22,11 +22,6 @@ SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 class NonFiniteError(FloatingPointError):
     """Training produced a NaN or inf loss or gradient; the message names the step and layer."""
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 64-bit seed for one training step on one rank, independent across the three."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
 
 
 class DensityModule(L.LightningModule):

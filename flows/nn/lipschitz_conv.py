@@ -21,7 +21,12 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from flows.nn.lipschitz import ACTIVATIONS, SpectralNormalization, _check_coeff, unit
+from flows.nn.lipschitz import (
+    ACTIVATIONS,
+    SpectralNormalization,
+    _check_coeff,
+    top_singular_value,
+)
 
 
 class ConvSpectralNormalization(SpectralNormalization):
@@ -43,25 +48,22 @@ class ConvSpectralNormalization(SpectralNormalization):
 
     def __init__(self, weight: Tensor, input_shape: Sequence[int], coeff: float = 0.9,
                  n_power_iterations: int = 1, eps: float = 1e-12) -> None:
-        nn.Module.__init__(self)
-        _check_coeff(coeff)
-        if weight.dim() != 4 or weight.shape[-1] % 2 == 0 or weight.shape[1] != input_shape[0]:
+        self.input_shape = tuple(input_shape)
+        self.padding = weight.shape[-1] // 2
+        super().__init__(weight, coeff, n_power_iterations, eps)
+
+    def check_weight(self, weight: Tensor) -> None:
+        channels = self.input_shape[0]
+        if weight.dim() != 4 or weight.shape[-1] % 2 == 0 or weight.shape[1] != channels:
             raise ValueError(
                 f"conv spectral normalisation needs a kernel (out, in, k, k) with odd k and "
-                f"in = input channels; got kernel {tuple(weight.shape)} for input {input_shape}"
+                f"in = input channels; got kernel {tuple(weight.shape)} for input "
+                f"{self.input_shape}"
             )
-        if n_power_iterations < 1:
-            raise ValueError(f"n_power_iterations={n_power_iterations} must be >= 1")
-        self.coeff = coeff
-        self.n_power_iterations = n_power_iterations
-        self.eps = eps
-        self.padding = weight.shape[-1] // 2
-        _, height, width = input_shape
-        self.register_buffer("u", unit(weight.new_empty(1, weight.shape[0], height, width)
-                                       .normal_(), eps))
-        self.register_buffer("v", unit(weight.new_empty(1, *input_shape).normal_(), eps))
-        self.power_iterate_(weight.detach(), 15)
-        self.stale = True
+
+    def vector_shapes(self, weight: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        _, height, width = self.input_shape
+        return (1, weight.shape[0], height, width), (1, *self.input_shape)
 
     def operator(self, weight: Tensor, v: Tensor) -> Tensor:
         return F.conv2d(v, weight, padding=self.padding)
@@ -125,16 +127,15 @@ def conv_operator_norm(normalization: ConvSpectralNormalization, weight: Tensor,
                        max_iterations: int = 2000, rtol: float = 1e-6) -> float:
     """The largest singular value of the conv operator of ``weight``, by power iteration.
 
-    Starts from the layer's own ``v`` (already near the top singular vector) on a copy, runs to
-    ``|sigma_k - sigma_{k-1}| <= rtol sigma_k``; the buffers are not changed.
+    From a fresh random start (seeded, so repeatable), not the layer's own vectors, so it does
+    not echo the estimate the layer normalised with; in float64, with ``top_singular_value``'s
+    stopping rule.
     """
-    v = normalization.v.clone()
-    sigma = 0.0
-    for _ in range(max_iterations):
-        u = unit(normalization.operator(weight, v), normalization.eps)
-        v = unit(normalization.operator_adjoint(weight, u), normalization.eps)
-        new = float(torch.linalg.vector_norm(normalization.operator(weight, v)))
-        if abs(new - sigma) <= rtol * new:
-            return new
-        sigma = new
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(normalization.v.shape, generator=generator, dtype=torch.float64)
+    weight = weight.double()
+    sigma, *_ = top_singular_value(
+        lambda x: normalization.operator(weight, x),
+        lambda y: normalization.operator_adjoint(weight, y),
+        start.to(weight.device), normalization.eps, max_iterations, rtol)
     return sigma
