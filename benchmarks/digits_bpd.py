@@ -1,7 +1,7 @@
 """Digits bits/dim after a fixed wall-clock budget of CPU training, flows beside normflows.
 
     python benchmarks/digits_bpd.py --minutes 5 --seeds 0 [--models realnvp glow iresnet]
-        [--peer]   # also normflows' Glow (pip install normflows; only for this benchmark)
+        [--peer]   # also normflows' Glow (pip install -e ".[bench]"; only for benchmarks)
 
 Each flows model trains through its default command, ``python -m flows.train data=digits
 model=<m>``, with ``trainer.max_time=<budget>`` as a cap (the defaults' step counts fit in 5
@@ -128,6 +128,22 @@ def run_normflows(seed: int, minutes: float) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def histogram_bpd() -> float:
+    """Test bpd of independent per-pixel histograms of the training levels (add-1/2 counts):
+    the baseline that any model of pixel dependencies must beat."""
+    from flows.data.datamodules import ImageDataModule
+
+    data = ImageDataModule("digits", [1, 8, 8], num_val=150)
+    data.setup()
+    levels = data.num_levels
+    train = data.splits["train"].long().flatten(1)
+    test = torch.floor(data.splits["test"] * levels).long().flatten(1)
+    pixels = torch.arange(train.shape[1])
+    counts = torch.stack([torch.bincount(column, minlength=levels) for column in train.T])
+    probs = (counts + 0.5) / (counts + 0.5).sum(1, keepdim=True)
+    return float(-torch.log2(probs[pixels, test]).mean())
+
+
 def flows_model(model: str) -> torch.nn.Module:
     """The default ``model=<model> data=digits`` flow, built from the project's configs."""
     from hydra import compose, initialize_config_dir
@@ -199,10 +215,13 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         if "series_estimate" in r:
             e = r["series_estimate"]
-            lines.append(f"\ni-ResNet test bpd by `flows.evaluate`: {e['num_terms']} series terms "
+            lines.append(f"\ni-ResNet seed {r['seed']}, test bpd by `flows.evaluate`: "
+                         f"{e['num_terms']} series terms "
                          f"(truncation bias <= {e['truncation_bias_bound']:.1e} bits/dim), "
                          f"{e['passes']} passes of {e['probes_per_pass']} Hutchinson probes "
                          f"(Monte Carlo standard error {e['monte_carlo_se']:.1e} bits/dim).")
+    lines.append(f"\nPer-pixel histograms of the training levels (add-1/2 counts): "
+                 f"{histogram_bpd():.3f} test bpd.")
     lines += ["", "ms/step (fit): the whole fit time over the steps, validations and "
               "checkpoints included. ms/step (step): forward, backward and Adam step alone, "
               "batch 64, median of 7 rounds of 10 steps with every model interleaved in one "
