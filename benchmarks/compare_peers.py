@@ -52,6 +52,12 @@ def trainer(log_prob: Callable[[torch.Tensor], torch.Tensor], params, x: torch.T
     return step
 
 
+def mlp(n_in: int, n_out: int) -> nn.Module:
+    """The conditioner every library gets: n_in-128-128-n_out with ReLU."""
+    return nn.Sequential(nn.Linear(n_in, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Linear(128, n_out))
+
+
 def realnvp_cases(x: torch.Tensor) -> dict[str, tuple[Step, str]]:
     """Case 1: the same 8-coupling Real NVP in each library."""
     cases: dict[str, tuple[Step, str]] = {}
@@ -71,13 +77,21 @@ def realnvp_cases(x: torch.Tensor) -> dict[str, tuple[Step, str]]:
 
     from nflows.distributions import StandardNormal
     from nflows.flows import Flow
-    from nflows.nn.nets import MLP
     from nflows.transforms import AffineCouplingTransform, CompositeTransform
     from nflows.utils import create_alternating_binary_mask
 
-    transforms = [AffineCouplingTransform(
-        create_alternating_binary_mask(2, even=i % 2 == 0),
-        lambda n_in, n_out: MLP((n_in,), (n_out,), [128, 128])) for i in range(8)]
+    class ContextFree(nn.Module):
+        """nflows calls conditioners as ``net(inputs, context)``."""
+
+        def __init__(self, n_in: int, n_out: int) -> None:
+            super().__init__()
+            self.net = mlp(n_in, n_out)
+
+        def forward(self, inputs: torch.Tensor, context: object = None) -> torch.Tensor:
+            return self.net(inputs)
+
+    transforms = [AffineCouplingTransform(create_alternating_binary_mask(2, even=i % 2 == 0),
+                                          ContextFree) for i in range(8)]
     model = Flow(CompositeTransform(transforms), StandardNormal([2]))
     cases["nflows"] = (trainer(model.log_prob, model.parameters(), x),
                        "scale sigmoid(s + 2): can only shrink")
@@ -91,12 +105,9 @@ def realnvp_cases(x: torch.Tensor) -> dict[str, tuple[Step, str]]:
     import FrEIA.framework as Ff
     import FrEIA.modules as Fm
 
-    def subnet(c_in: int, c_out: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(c_in, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                             nn.Linear(128, c_out))
     inn = Ff.SequenceINN(2)
     for i in range(8):
-        inn.append(Fm.AffineCouplingOneSided, subnet_constructor=subnet)
+        inn.append(Fm.AffineCouplingOneSided, subnet_constructor=mlp)
         inn.append(Fm.PermuteRandom, seed=i)
 
     def freia_log_prob(v: torch.Tensor) -> torch.Tensor:
