@@ -124,10 +124,12 @@ class DensityModule(L.LightningModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         nll = -self.flow.log_prob(batch).mean()
-        self.log("val/nll", nll, prog_bar=True, batch_size=batch.shape[0])
+        # sync_dist: under DDP every rank sees a share of the split; the logged (and
+        # checkpoint-monitored) value is the mean over all of them
+        self.log("val/nll", nll, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
         if self.num_levels:
             self.log("val/bpd", bits_per_dim(nll, self.num_dims, self.num_levels),
-                     batch_size=batch.shape[0])
+                     batch_size=batch.shape[0], sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._test_moments = torch.zeros(3, dtype=torch.float64, device=self.device)
