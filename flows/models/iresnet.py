@@ -40,6 +40,8 @@ class IResNet(NormalizingFlow):
         eval_num_terms: power-series terms in eval mode.
         eval_num_probes: Hutchinson probes in eval mode.
         probe: ``"gaussian"`` or ``"rademacher"``.
+        series_gradient: ``"neumann"`` or ``"backprop"``, how training differentiates the
+            series (see ``ResidualBlock``).
         n_power_iterations: power-iteration steps per training forward of each linear.
         inverse_atol: absolute tolerance of each block's fixed-point inverse.
         inverse_rtol: relative tolerance of each block's fixed-point inverse.
@@ -66,6 +68,7 @@ class IResNet(NormalizingFlow):
         eval_num_terms: int = 20,
         eval_num_probes: int = 4,
         probe: str = "gaussian",
+        series_gradient: str = "neumann",
         n_power_iterations: int = 1,
         inverse_atol: float = 1e-5,
         inverse_rtol: float = 1e-5,
@@ -92,6 +95,7 @@ class IResNet(NormalizingFlow):
                     eval_num_terms=eval_num_terms,
                     eval_num_probes=eval_num_probes,
                     probe=probe,
+                    series_gradient=series_gradient,
                     inverse_atol=inverse_atol,
                     inverse_rtol=inverse_rtol,
                     inverse_max_iterations=inverse_max_iterations,
@@ -122,8 +126,8 @@ class ConvIResNet(NormalizingFlow):
         lipschitz_coeff: operator-norm target ``c`` of every convolution, in (0, 1).
         actnorm: ActNorm after every block.
         factor_out: factor out half the channels after each scale but the last.
-        num_terms, num_probes, eval_num_terms, eval_num_probes, probe: the log-det series
-            (see ``ResidualBlock``).
+        num_terms, num_probes, eval_num_terms, eval_num_probes, probe, series_gradient: the
+            log-det series (see ``ResidualBlock``).
         n_power_iterations: power-iteration steps per training forward of each convolution.
         inverse_atol, inverse_rtol, inverse_max_iterations: each block's fixed-point inverse.
         alpha: the logit transform's ``alpha``.
@@ -147,6 +151,7 @@ class ConvIResNet(NormalizingFlow):
         eval_num_terms: int = 20,
         eval_num_probes: int = 4,
         probe: str = "gaussian",
+        series_gradient: str = "neumann",
         n_power_iterations: int = 1,
         inverse_atol: float = 1e-5,
         inverse_rtol: float = 1e-5,
@@ -164,8 +169,8 @@ class ConvIResNet(NormalizingFlow):
             residual = ResidualBlock(
                 net, logdet="series", num_terms=num_terms, num_probes=num_probes,
                 eval_num_terms=eval_num_terms, eval_num_probes=eval_num_probes, probe=probe,
-                inverse_atol=inverse_atol, inverse_rtol=inverse_rtol,
-                inverse_max_iterations=inverse_max_iterations,
+                series_gradient=series_gradient, inverse_atol=inverse_atol,
+                inverse_rtol=inverse_rtol, inverse_max_iterations=inverse_max_iterations,
             )
             return [residual, ActNorm(block_shape[0])] if actnorm else [residual]
 
