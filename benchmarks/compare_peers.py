@@ -1,219 +1,338 @@
-"""Training-step time of flows against peer libraries on the same architectures, one process.
+"""flows against peer libraries on the same architectures: step time, memory, NLL per second.
 
     pip install -e ".[bench]"          # normflows, nflows, zuko, FrEIA (this benchmark only)
-    python benchmarks/compare_peers.py [--rounds 7] [--steps 20]
+    python benchmarks/compare_peers.py [--sections steps memory budget sampling]
+        [--rounds 7] [--steps 20] [--budget-s 60] [--seeds 0 1 2]
 
-Case 1, Real NVP 2-D: 8 affine couplings with alternating masks, conditioners 1-128-128-2
-(ReLU), batch 512, Adam 1e-3, moons. Case 2, i-ResNet 2-D: 10 residual blocks x + g(x) with
-g = 2-128-128-2 (c = 0.9), batch 512; flows with the exact 2x2 log-det (compiled and eager)
-and the 5-term series with one Hutchinson probe, normflows' residual flow (Residual Flows'
-code: brute-force 2-D log-det, and its default unbiased memory-saving estimator) and FrEIA's
-``IResNetLayer``. A training step is forward, backward and ``optimizer.step()``. Every model's
-steps run interleaved in rounds with 2 torch threads; the table has the median over rounds
-of the mean step time in each round, and each peer's ratio to the fastest flows variant.
-Writes ``benchmarks/results/compare_peers.{json,md}``.
+Architectures (``peer_models.py``): case 1, Real NVP 2-D (8 affine couplings, 1-128-128-2
+ReLU conditioners); case 2, i-ResNet 2-D (10 blocks 2-128-128-2 ELU, c = 0.9; exact log-det
+and 5-term series with one probe); case 3, flows' default image models and normflows' Glow
+(2 levels x 8 blocks, 64 channels) at 1x8x8 (digits) and 1x28x28, batch 64. 2-D batches are
+512 points of moons; Adam 1e-3 everywhere (1e-4 for images), torch's fused implementation
+for every library (flows' configs use it).
 
-Checks made on each peer (stated in the table): does its log-density train (gradient reaches
-the weights), and is its reported loss the negative log-likelihood.
+Sections, each written into ``benchmarks/results/compare_peers.json`` (merged, so sections can
+run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
+
+- ``steps``: forward + backward + ``optimizer.step()`` (and normflows' Lipschitz upkeep),
+  every model of a case interleaved in rounds with 2 torch threads; the median over rounds
+  of the mean step time, and the ratio to the fastest flows variant.
+- ``memory``: peak resident memory added by 5 training steps after 2 warm-up steps, each
+  model alone in a fresh process (the peak RSS over the steps minus the RSS before them,
+  Linux, with glibc returning freed tensors to the system); and the same for the i-ResNet series at 2, 5, 10 and 20 terms.
+- ``budget``: test NLL (nats, 50,000 test points of flows' toy split, seed s) after
+  ``--budget-s`` seconds of training on moons, 8gaussians and checkerboard, mean over seeds;
+  exact log-dets for every i-ResNet evaluated.
+- ``sampling``: samples per second at temperature 1 (batches of 10,000 for 2-D, 64 for
+  images) after ``--sampling-train-s`` seconds of training; for residual flows the
+  fixed-point iterations over all blocks (flows) and the round-trip error
+  ``max |f(f^-1(z)) - z|`` of the samples, each library's own stopping rule.
+
+Checks made on each peer are stated in the notes: does its log-density train (gradient
+reaches the weights), is its reported loss the negative log-likelihood, how does it stop
+its inverse.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-from flows.data.toy import sample_toy
+from peer_models import Candidate, image_candidates, iresnet_candidates, realnvp_candidates
 
 RESULTS = Path(__file__).resolve().parent / "results"
-Step = Callable[[], None]
+SECTIONS = ("steps", "memory", "budget", "sampling")
+TOY_SETS = ("moons", "8gaussians", "checkerboard")
 
 
-def moons(batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.from_numpy(sample_toy("moons", batch, np.random.default_rng(seed)))
+def toy_splits(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flows' own train (200,000) and test (50,000) points of ``name`` for ``seed``."""
+    from flows.data.datamodules import ToyDataModule
+
+    train, _, test = ToyDataModule(name, seed=seed).make_splits()
+    return torch.from_numpy(train), torch.from_numpy(test)
 
 
-def trainer(log_prob: Callable[[torch.Tensor], torch.Tensor], params, x: torch.Tensor) -> Step:
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+def image_batch(data: str, seed: int = 0) -> torch.Tensor:
+    """64 dequantised digits in [0, 1), upsampled to 28x28 for ``data="mnist"``."""
+    from flows.data.datamodules import ImageDataModule
+    from flows.data.images import dequantize
 
-    def step() -> None:
-        loss = -log_prob(x).mean()
+    module = ImageDataModule("digits", [1, 8, 8], num_val=150)
+    module.setup()
+    generator = torch.Generator().manual_seed(seed)
+    images = module.splits["train"][torch.randint(1350, (64,), generator=generator)]
+    batch = dequantize(images, 17, generator)
+    if data == "mnist":
+        batch = torch.nn.functional.interpolate(batch, size=(28, 28), mode="bilinear")
+        batch = batch.clamp(0, 1 - 1e-4)
+    return batch
+
+
+CASES = {
+    "Real NVP 2-D": (realnvp_candidates, lambda: toy_splits("moons", 0)[0][:512], 1e-3),
+    "i-ResNet 2-D": (iresnet_candidates, lambda: toy_splits("moons", 0)[0][:512], 1e-3),
+    "images 1x8x8": (lambda: image_candidates("digits"), lambda: image_batch("digits"), 1e-4),
+    "images 1x28x28": (lambda: image_candidates("mnist"), lambda: image_batch("mnist"), 1e-4),
+}
+
+
+def trainer(candidate: Candidate, lr: float):
+    optimizer = torch.optim.Adam(candidate.parameters(), lr=lr, fused=True)
+
+    def step(x: torch.Tensor) -> None:
+        loss = -candidate.log_prob(x).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        candidate.after_step()
     return step
 
 
-def mlp(n_in: int, n_out: int) -> nn.Module:
-    """The conditioner every library gets: n_in-128-128-n_out with ReLU."""
-    return nn.Sequential(nn.Linear(n_in, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                         nn.Linear(128, n_out))
-
-
-def realnvp_cases(x: torch.Tensor) -> dict[str, tuple[Step, str]]:
-    """Case 1: the same 8-coupling Real NVP in each library."""
-    cases: dict[str, tuple[Step, str]] = {}
-    from flows.models.realnvp import RealNVP
-
-    flow = RealNVP(2, num_layers=8, hidden_features=128, num_hidden=2)
-    cases["flows"] = (trainer(flow.log_prob, flow.parameters(), x), "exp of soft-clamped s")
-
-    import normflows as nf
-
-    layers = []
-    for _ in range(8):
-        layers += [nf.flows.AffineCouplingBlock(nf.nets.MLP([1, 128, 128, 2], init_zeros=True)),
-                   nf.flows.Permute(2, mode="swap")]
-    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), layers)
-    cases["normflows"] = (trainer(model.log_prob, model.parameters(), x), "exp scale")
-
-    from nflows.distributions import StandardNormal
-    from nflows.flows import Flow
-    from nflows.transforms import AffineCouplingTransform, CompositeTransform
-    from nflows.utils import create_alternating_binary_mask
-
-    class ContextFree(nn.Module):
-        """nflows calls conditioners as ``net(inputs, context)``."""
-
-        def __init__(self, n_in: int, n_out: int) -> None:
-            super().__init__()
-            self.net = mlp(n_in, n_out)
-
-        def forward(self, inputs: torch.Tensor, context: object = None) -> torch.Tensor:
-            return self.net(inputs)
-
-    transforms = [AffineCouplingTransform(create_alternating_binary_mask(2, even=i % 2 == 0),
-                                          ContextFree) for i in range(8)]
-    model = Flow(CompositeTransform(transforms), StandardNormal([2]))
-    cases["nflows"] = (trainer(model.log_prob, model.parameters(), x),
-                       "scale sigmoid(s + 2): can only shrink")
-
-    import zuko
-
-    lazy = zuko.flows.RealNVP(2, transforms=8, hidden_features=(128, 128))
-    cases["zuko"] = (trainer(lambda v: lazy().log_prob(v), lazy.parameters(), x),
-                     "exp of soft-clamped s")
-
-    import FrEIA.framework as Ff
-    import FrEIA.modules as Fm
-
-    inn = Ff.SequenceINN(2)
-    for i in range(8):
-        inn.append(Fm.AffineCouplingOneSided, subnet_constructor=mlp)
-        inn.append(Fm.PermuteRandom, seed=i)
-
-    def freia_log_prob(v: torch.Tensor) -> torch.Tensor:
-        z, log_jac = inn(v)
-        return -0.5 * z.pow(2).sum(1) - np.log(2 * np.pi) + log_jac
-    cases["FrEIA"] = (trainer(freia_log_prob, inn.parameters(), x),
-                      "atan soft clamp; random permutations (a swap or the identity in 2-D)")
-    return cases
-
-
-def iresnet_cases(x: torch.Tensor) -> dict[str, tuple[Step, str]]:
-    """Case 2: 10 residual blocks 2-128-128-2, c = 0.9."""
-    from flows.models.iresnet import IResNet
-
-    cases: dict[str, tuple[Step, str]] = {}
-    common = dict(num_blocks=10, hidden_features=128, num_hidden=2, activation="elu",
-                  lipschitz_coeff=0.9, actnorm=False)
-    for name, kwargs in (("flows exact, compiled", dict(logdet="exact", compile=True)),
-                         ("flows exact, eager", dict(logdet="exact")),
-                         ("flows series 5 terms", dict(logdet="series", num_terms=5))):
-        flow = IResNet(2, **common, **kwargs)
-        cases[name] = (trainer(flow.log_prob, flow.parameters(), x), "")
-
-    import normflows as nf
-
-    for name, kwargs, note in (
-            ("normflows brute-force 2-D", dict(brute_force=True, reduce_memory=False), ""),
-            ("normflows unbiased, memory-saving", {},
-             "its training loss is a gradient surrogate, not the NLL")):
-        layers = [nf.flows.Residual(nf.nets.LipschitzMLP([2, 128, 128, 2], lipschitz_const=0.9,
-                                                         init_zeros=True), **kwargs)
-                  for _ in range(10)]
-        model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), layers)
-
-        def step(model: nn.Module = model) -> Callable[[], None]:
-            inner = trainer(model.log_prob, model.parameters(), x)
-
-            def run() -> None:
-                inner()
-                nf.utils.update_lipschitz(model, 5)  # normflows' user must call this
-            return run
-        cases[name] = (step(), note)
-
-    import FrEIA.framework as Ff
-    import FrEIA.modules as Fm
-
-    inn = Ff.SequenceINN(2)
-    for _ in range(10):
-        inn.append(Fm.IResNetLayer, internal_size=128, n_internal_layers=2,
-                   jacobian_iterations=5, hutchinson_samples=1, spectral_norm_max=0.9)
-
-    def freia_log_prob(v: torch.Tensor) -> torch.Tensor:
-        z, log_jac = inn(v)
-        return -0.5 * z.pow(2).sum(1) - np.log(2 * np.pi) + log_jac
-    cases["FrEIA IResNetLayer"] = (trainer(freia_log_prob, inn.parameters(), x),
-                                   "does not train the likelihood: its series log-det passes "
-                                   "no gradient to the weights")
-    return cases
-
-
-def time_cases(cases: dict[str, tuple[Step, str]], rounds: int, steps: int) -> dict[str, float]:
-    """Median over rounds of the mean ms per step; every case runs once in each round."""
-    for step, _ in cases.values():  # warm-up, compilation, data-dependent initialisation
+def time_steps(case: str, rounds: int, steps: int) -> list[dict]:
+    """Median over rounds of the mean ms per step; every model runs once in each round."""
+    build, data, lr = CASES[case]
+    torch.manual_seed(0)
+    candidates, x = build(), data()
+    steppers = {name: trainer(c, lr) for name, c in candidates.items()}
+    for step in steppers.values():  # warm-up, compilation, data-dependent initialisation
         for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in cases}
+            step(x)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(rounds):
-        for name, (step, _) in cases.items():
+        for name, step in steppers.items():
             start = time.perf_counter()
             for _ in range(steps):
-                step()
+                step(x)
             times[name].append(1000 * (time.perf_counter() - start) / steps)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    ms = {name: float(np.median(t)) for name, t in times.items()}
+    fastest = min(v for k, v in ms.items() if k.startswith("flows"))
+    return [{"library": name, "ms_per_step": ms[name], "ratio_to_flows": ms[name] / fastest,
+             "note": candidates[name].note} for name in candidates]
+
+
+def peak_memory_child(case: str, name: str, num_terms: int | None) -> None:
+    """In a fresh process: MiB of peak resident memory added by 5 training steps.
+
+    Two warm-up steps first (compilation, optimizer state, allocator pools), then the kernel's
+    peak-RSS mark is reset (``/proc/self/clear_refs``) and the steps' peak read back.
+    """
+    build, data, lr = CASES[case]
+    torch.manual_seed(0)
+    if num_terms is None:
+        candidate = build()[name]
+    else:  # the series sweep
+        from peer_models import _flows_iresnet
+
+        gradient = name.rsplit(" ", 1)[-1]
+        candidate = _flows_iresnet(logdet="series", num_terms=num_terms,
+                                   series_gradient=gradient)
+    x, step = data(), trainer(candidate, lr)
+    for _ in range(2):
+        step(x)
+    before = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(5):
+        step(x)
+    print(json.dumps({"peak_added_mib": _status_mib("VmHWM") - before}))
+
+
+def _status_mib(key: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak since the last reset) in MiB, Linux."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status (Linux only)")
+
+
+def measure_memory(case: str, name: str, num_terms: int | None = None) -> float:
+    command = [sys.executable, __file__, "--memory-child", case, name]
+    if num_terms is not None:
+        command += ["--num-terms", str(num_terms)]
+    # Tensors of 64 KiB and more get their own mappings, returned to the system when freed,
+    # so the resident size follows the live tensors instead of glibc's retained heap.
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_added_mib"]
+
+
+def memory_section() -> dict:
+    report = {}
+    for case, (build, _, _) in CASES.items():
+        report[case] = {name: measure_memory(case, name) for name in build()}
+        print(case, report[case], flush=True)
+    sweep = {}
+    for gradient in ("neumann", "backprop"):
+        sweep[gradient] = {str(n): measure_memory("i-ResNet 2-D", f"series {gradient}", n)
+                           for n in (2, 5, 10, 20)}
+    report["i-ResNet 2-D series terms"] = sweep
+    print(sweep, flush=True)
+    return report
+
+
+@torch.no_grad()
+def test_nll(candidate: Candidate, test: torch.Tensor) -> float:
+    return float(-torch.cat([candidate.log_prob(x) for x in test.split(10_000)]).mean())
+
+
+def budget_section(budget_s: float, seeds: list[int]) -> dict:
+    """Test NLL after ``budget_s`` seconds of training, per data set, model and seed."""
+    report: dict = {}
+    for data_name in TOY_SETS:
+        for seed in seeds:
+            train, test = toy_splits(data_name, seed)
+            for case, build in (("Real NVP 2-D", realnvp_candidates),
+                                ("i-ResNet 2-D", lambda: iresnet_candidates(series=False))):
+                torch.manual_seed(seed)
+                for name, candidate in build().items():
+                    if name == "flows exact, eager":
+                        continue
+                    generator = torch.Generator().manual_seed(seed)
+                    step, steps = trainer(candidate, 1e-3), 0
+                    start = time.perf_counter()
+                    while time.perf_counter() - start < budget_s:
+                        step(train[torch.randint(len(train), (512,), generator=generator)])
+                        steps += 1
+                    nll = test_nll(candidate, test)
+                    row = report.setdefault(case, {}).setdefault(name, {}).setdefault(
+                        data_name, {"nll": [], "steps": []})
+                    row["nll"].append(nll)
+                    row["steps"].append(steps)
+                    print(data_name, seed, case, name, steps, round(nll, 4), flush=True)
+    return report
+
+
+def sampling_section(train_s: float) -> dict:
+    """Samples per second at temperature 1 of models trained for ``train_s`` seconds.
+
+    Trained, because an i-ResNet near its identity initialisation inverts in a step or two.
+    2-D models train on moons (batches of 512), image models on their one batch of 64.
+    """
+    report: dict = {}
+    for case, (build, data, lr) in CASES.items():
+        torch.manual_seed(0)
+        two_d = "2-D" in case
+        train, x = (toy_splits("moons", 0)[0], None) if two_d else (None, data())
+        generator = torch.Generator().manual_seed(0)
+        n = 10_000 if two_d else 64
+        rows = {}
+        for name, candidate in build().items():
+            if any(word in name for word in ("series", "eager", "unbiased", "FrEIA IResNet")):
+                continue  # same inverse as a variant kept, or no inverse of its own
+            step, start = trainer(candidate, lr), time.perf_counter()
+            while time.perf_counter() - start < train_s:
+                step(x if x is not None else
+                     train[torch.randint(len(train), (512,), generator=generator)])
+            with torch.no_grad():
+                candidate.sample(16)  # warm-up (compilation)
+                times = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    candidate.sample(n)
+                    times.append(time.perf_counter() - start)
+                row = {"samples_per_s": n / float(np.median(times))}
+                if candidate.inverse_iterations() is not None:
+                    row["fixed_point_iterations"] = candidate.inverse_iterations()
+                if candidate.round_trip is not None:
+                    z = torch.randn(n, *candidate.sample(1).shape[1:])
+                    row["round_trip_error"] = float((candidate.round_trip(z) - z).abs().max())
+            rows[name] = row
+            print(case, name, row, flush=True)
+        report[case] = rows
+    return report
+
+
+def write_markdown(report: dict, args: argparse.Namespace) -> None:
+    lines = [f"# flows against peer libraries ({date.today()})", "",
+             f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}; "
+             f"`python benchmarks/compare_peers.py` (sections as below; the method is in the "
+             f"script's docstring).", ""]
+    for case, rows in report.get("steps", {}).items():
+        lines += [f"## Step time: {case}", "", "| library | ms/step | ratio to flows | "
+                  "peak memory added (MiB) | note |", "|---|---|---|---|---|"]
+        memory = report.get("memory", {}).get(case, {})
+        for r in rows:
+            mib = f"{memory[r['library']]:.0f}" if r["library"] in memory else ""
+            lines.append(f"| {r['library']} | {r['ms_per_step']:.1f} | "
+                         f"{r['ratio_to_flows']:.2f} | {mib} | {r['note']} |")
+        lines.append("")
+    sweep = report.get("memory", {}).get("i-ResNet 2-D series terms")
+    if sweep:
+        terms = list(next(iter(sweep.values())))
+        lines += ["## Peak memory added by the i-ResNet 2-D series (MiB) against its terms", "",
+                  "| gradient | " + " | ".join(f"{n} terms" for n in terms) + " |",
+                  "|---|" + "---|" * len(terms)]
+        lines += [f"| {g} | " + " | ".join(f"{v:.0f}" for v in row.values()) + " |"
+                  for g, row in sweep.items()]
+        lines.append("")
+    budget = report.get("budget")
+    if budget:
+        lines += [f"## Test NLL (nats) after {budget['budget_s']:.0f} s of training, mean over "
+                  f"seeds {budget['seeds']} (steps in brackets)", "",
+                  "| case | library | " + " | ".join(TOY_SETS) + " |",
+                  "|---|---|" + "---|" * len(TOY_SETS)]
+        for case, models in budget["nll"].items():
+            for name, sets in models.items():
+                cells = [f"{np.mean(sets[d]['nll']):.3f} ({np.mean(sets[d]['steps']):.0f})"
+                         for d in TOY_SETS]
+                lines.append(f"| {case} | {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    sampling = report.get("sampling")
+    if sampling:
+        lines += [f"## Sampling at temperature 1 after {sampling['train_s']:.0f} s of training",
+                  "", "| case | library | samples/s | fixed-point iterations (all blocks) | "
+                  "max abs(f(f^-1(z)) - z) |", "|---|---|---|---|---|"]
+        for case, rows in sampling["rates"].items():
+            for name, r in rows.items():
+                error = f"{r['round_trip_error']:.1e}" if "round_trip_error" in r else ""
+                lines.append(f"| {case} | {name} | {r['samples_per_s']:,.0f} | "
+                             f"{r.get('fixed_point_iterations', '')} | {error} |")
+        lines.append("")
+    (RESULTS / "compare_peers.md").write_text("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sampling-train-s", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "NAME"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--num-terms", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    x = moons(512)
-    report = {}
-    for case, build in (("Real NVP 2-D", realnvp_cases), ("i-ResNet 2-D", iresnet_cases)):
-        cases = build(x)
-        ms = time_cases(cases, args.rounds, args.steps)
-        fastest_flows = min(v for k, v in ms.items() if k.startswith("flows"))
-        report[case] = [{"library": name, "ms_per_step": ms[name],
-                         "ratio_to_flows": ms[name] / fastest_flows, "note": note}
-                        for name, (_, note) in cases.items()]
-        print(case, json.dumps(report[case], indent=1), flush=True)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        peak_memory_child(*args.memory_child, args.num_terms)
+        return
+    path = RESULTS / "compare_peers.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compare_peers.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Training-step time against peers ({date.today()})", "",
-             f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch "
-             f"{torch.__version__}; `python benchmarks/compare_peers.py --rounds {args.rounds} "
-             f"--steps {args.steps}`; batch 512 of moons, Adam 1e-3; median over rounds of the "
-             f"mean step time, all cases interleaved in one process.", ""]
-    for case, rows in report.items():
-        lines += [f"## {case}", "", "| library | ms/step | ratio to flows | note |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['library']} | {r['ms_per_step']:.1f} | {r['ratio_to_flows']:.2f} | "
-                  f"{r['note']} |" for r in rows]
-        lines.append("")
-    (RESULTS / "compare_peers.md").write_text("\n".join(lines))
+    for section in args.sections:
+        if section == "steps":
+            report["steps"] = {case: time_steps(case, args.rounds, args.steps) for case in CASES}
+        elif section == "memory":
+            report["memory"] = memory_section()
+        elif section == "budget":
+            report["budget"] = {"budget_s": args.budget_s, "seeds": args.seeds,
+                                "nll": budget_section(args.budget_s, args.seeds)}
+        else:
+            report["sampling"] = {"train_s": args.sampling_train_s,
+                                  "rates": sampling_section(args.sampling_train_s)}
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        write_markdown(report, args)
 
 
 if __name__ == "__main__":

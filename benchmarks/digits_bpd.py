@@ -27,6 +27,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from peer_models import flows_image_model, normflows_glow
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,28 +60,6 @@ def run_flows(model: str, seed: int, minutes: float) -> dict:
             "test_bpd": results["test_bpd"], "test_bpd_se": results["test_bpd_se"],
             "params": results["num_params"], "run": str(run.relative_to(ROOT)),
             "command": "python -m flows.train " + " ".join(command[3:])}
-
-
-def normflows_glow(shape: tuple[int, int, int]) -> torch.nn.Module:
-    """normflows' Glow example architecture (unconditional): L = 2 levels, K = 8 blocks."""
-    import normflows as nf
-
-    levels, steps, hidden = 2, 8, 64
-    channels = shape[0]
-    q0, merges, flows = [], [], []
-    for i in range(levels):
-        blocks = [nf.flows.GlowBlock(channels * 2 ** (levels + 1 - i), hidden,
-                                     split_mode="channel", scale=True) for _ in range(steps)]
-        flows.append(blocks + [nf.flows.Squeeze()])
-        if i > 0:
-            merges.append(nf.flows.Merge())
-            size = 2 ** (levels - i)
-            latent = (channels * size, shape[1] // size, shape[2] // size)
-        else:
-            size = 2 ** levels
-            latent = (channels * 2 ** (levels + 1), shape[1] // size, shape[2] // size)
-        q0.append(nf.distributions.DiagGaussian(latent))
-    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
 
 
 def run_normflows(seed: int, minutes: float) -> dict:
@@ -142,16 +121,6 @@ def histogram_bpd() -> float:
     counts = torch.stack([torch.bincount(column, minlength=levels) for column in train.T])
     probs = (counts + 0.5) / (counts + 0.5).sum(1, keepdim=True)
     return float(-torch.log2(probs[pixels, test]).mean())
-
-
-def flows_model(model: str) -> torch.nn.Module:
-    """The default ``model=<model> data=digits`` flow, built from the project's configs."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}", "data=digits"])
-    return instantiate(cfg.model)
 
 
 def step_times(models: dict[str, torch.nn.Module], peer: set[str], rounds: int = 7,
@@ -237,7 +206,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["realnvp", "glow", "iresnet"])
     parser.add_argument("--peer", action="store_true", help="also train normflows' Glow")
     args = parser.parse_args()
-    models = {name: flows_model(name) for name in args.models}
+    models = {name: flows_image_model(name, "digits") for name in args.models}
     if args.peer:
         models["normflows"] = normflows_glow((1, 8, 8))
     step_ms = step_times(models, peer={"normflows"})

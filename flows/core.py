@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.distributions import StandardNormal
+from flows.nn.compile import CompiledOrEager
 
 
 class Bijection(nn.Module):
@@ -77,12 +78,18 @@ class NormalizingFlow(nn.Module):
     Args:
         transform: the bijection ``f`` from data to latent space.
         base: the latent distribution (a standard normal of the event shape).
+        compile: run ``f`` (hence ``forward`` and ``log_prob``) through ``torch.compile``,
+            which fuses the elementwise work between matrix products (Real NVP 2-D: ~1.3x
+            faster training steps on a CPU after seconds of compiling, cached on disk); falls
+            back to eager execution with a warning if compiling fails. ``inverse`` stays eager.
     """
 
-    def __init__(self, transform: Bijection, base: StandardNormal) -> None:
+    def __init__(self, transform: Bijection, base: StandardNormal,
+                 compile: bool = False) -> None:
         super().__init__()
         self.transform = transform
         self.base = base
+        self.compile_transform = compile
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -100,6 +107,8 @@ class NormalizingFlow(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Map a batch ``(B, *event_shape)`` to ``(z, log|det dz/dx|)``."""
         self.check_input(x)
+        if self.compile_transform:
+            return _apply_compiled(self.transform, x)
         return self.transform(x)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,14 +118,29 @@ class NormalizingFlow(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` in nats, shape ``(B,)``."""
-        z, logdet = self(x)
-        return self.base.log_prob(z) + logdet
+        self.check_input(x)
+        if self.compile_transform:
+            return _log_prob_compiled(self.transform, self.base, x)
+        return _log_prob(self.transform, self.base, x)
 
     def sample(self, num_samples: int, temperature: float = 1.0) -> Tensor:
         """Decode ``z ~ N(0, temperature^2 I)`` through the inverse: ``(num_samples, *event)``."""
         z = self.base.sample(num_samples, temperature)
         x, _ = self.inverse(z)
         return x
+
+
+def _apply(transform: Bijection, x: Tensor) -> tuple[Tensor, Tensor]:
+    return transform(x)
+
+
+def _log_prob(transform: Bijection, base: StandardNormal, x: Tensor) -> Tensor:
+    z, logdet = transform(x)
+    return base.log_prob(z) + logdet
+
+
+_apply_compiled = CompiledOrEager(_apply)
+_log_prob_compiled = CompiledOrEager(_log_prob)
 
 
 def first_nonfinite_bijection(flow: NormalizingFlow, x: Tensor) -> str | None:

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -239,3 +240,31 @@ def test_training_on_gaussian_reaches_its_entropy(coupling, normalization):
         x = torch.randn(50_000, 2, generator=torch.Generator().manual_seed(1)) @ matrix.T
         nll = -model.eval().log_prob(x).mean().item()
     assert -0.015 < nll - entropy < 0.03
+
+
+@pytest.mark.parametrize("normalization", [None, "actnorm"])
+def test_compiled_realnvp_matches_eager(normalization):
+    """compile=True gives the eager log p(x), gradients and ActNorm initialisation."""
+    models = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        models.append(perturb_(RealNVP(3, num_layers=3, hidden_features=16,
+                                       normalization=normalization, compile=compile_),
+                               scale=0.5).double())
+    x = torch.randn(37, 3, dtype=torch.float64)  # float64: only the math, not rounding, counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+        results = []
+        for model in models:
+            log_prob = model.log_prob(x)
+            z, logdet = model(x)
+            grads = torch.autograd.grad(log_prob.sum(), list(model.parameters()))
+            results.append((log_prob, z, logdet, grads, model.state_dict()))
+    (lp, z, logdet, grads, state), (lp_c, z_c, logdet_c, grads_c, state_c) = results
+    torch.testing.assert_close(lp_c, lp)
+    torch.testing.assert_close(z_c, z)
+    torch.testing.assert_close(logdet_c, logdet)
+    for got, want in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(got, want)
+    for name, value in state.items():
+        torch.testing.assert_close(state_c[name], value, msg=name)

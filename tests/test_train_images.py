@@ -3,9 +3,12 @@
 import csv
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from flows.lit.callbacks import ImageSamples
 from tests.conftest import run_cli
 
 FAST = ["data=digits", "trainer.max_steps=20", "trainer.val_check_interval=10",
@@ -46,6 +49,22 @@ def test_image_run_reports_bits_per_dim_and_draws_grids(image_run):
     train_key = "train/bpd_estimate" if model == "iresnet" else "train/bpd"
     assert train_key in columns and "val/bpd" in columns
     assert ("train/bpd" in columns) == (model != "iresnet")
+
+
+def test_image_grid_cadence_survives_a_resume(image_run):
+    """The validation count is in the checkpoint, so a resumed run draws on the same steps."""
+    _, run = image_run
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    states = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ImageSamples")]
+    assert states == [{"validations": 2}]  # 20 steps, a validation every 10
+
+    callback = ImageSamples(every_n_validations=3)
+    callback.load_state_dict(states[0])
+    drawn = []
+    callback._draw = lambda trainer, module, name: drawn.append(name)
+    trainer = SimpleNamespace(sanity_checking=False, global_step=30)
+    callback.on_validation_epoch_end(trainer, None)  # the 3rd validation overall
+    assert drawn == ["step_000030"]
 
 
 def test_evaluate_gives_test_bits_per_dim_with_its_accuracy(image_run, tmp_path):

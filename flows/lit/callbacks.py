@@ -124,6 +124,13 @@ class ImageSamples(L.Callback):
         if self._validations % self.every_n_validations == 0:
             self._draw(trainer, module, f"step_{trainer.global_step:06d}")
 
+    def state_dict(self) -> dict[str, int]:
+        """The validation count, checkpointed so a resumed run keeps the grid cadence."""
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._validations = state_dict["validations"]
+
     def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._draw(trainer, module, "final")
 

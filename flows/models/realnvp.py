@@ -49,6 +49,7 @@ class RealNVP(NormalizingFlow):
             ``"reverse"`` or ``"random"`` (a fixed half mask with a reversal / seeded random
             permutation between couplings).
         seed: seed of the random permutations (layer ``i`` uses ``seed + i``).
+        compile: compile the transform with ``torch.compile`` (see ``NormalizingFlow``).
 
     References:
         Dinh, Sohl-Dickstein & Bengio, Density estimation using Real NVP (2017),
@@ -67,6 +68,7 @@ class RealNVP(NormalizingFlow):
         normalization: str | None = None,
         permutation: str = "alternate",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         if features < 2:
             raise ValueError(
@@ -105,4 +107,4 @@ class RealNVP(NormalizingFlow):
                 layers.append(Permutation(features, seed=layer_seed))
             mask = alternating_mask(features, i) if alternate else half_mask(features)
             layers.append(make_coupling(mask))
-        super().__init__(Compose(*layers), StandardNormal((features,)))
+        super().__init__(Compose(*layers), StandardNormal((features,)), compile)

@@ -1,0 +1,228 @@
+"""The same architectures built in flows and in each peer library, for compare_peers.py.
+
+Every builder returns ``{name: Candidate}``: a log-density to train, its parameters, a sampler
+(``z ~ N(0, I)`` decoded through the inverse), the note the results table carries, and for
+normflows' residual flows the Lipschitz upkeep its users must call after each step. Builders
+construct fresh models, so ``torch.manual_seed`` before a call fixes their initialisation.
+
+Peers (the ``bench`` extra): normflows, nflows, zuko, FrEIA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class Candidate:
+    """One library's model: what a training step, a sampler and the table need."""
+
+    log_prob: Callable[[Tensor], Tensor]
+    parameters: Callable[[], Iterator[nn.Parameter]]
+    sample: Callable[[int], Tensor]
+    note: str = ""
+    after_step: Callable[[], None] = field(default=lambda: None)
+    inverse_iterations: Callable[[], int | None] = field(default=lambda: None)
+    round_trip: Callable[[Tensor], Tensor] | None = None  # z -> f(f^-1(z)), residual flows
+
+
+def mlp(n_in: int, n_out: int) -> nn.Module:
+    """The conditioner every library gets: n_in-128-128-n_out with ReLU."""
+    return nn.Sequential(nn.Linear(n_in, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Linear(128, n_out))
+
+
+def _flows(flow: nn.Module, note: str = "") -> Candidate:
+    return Candidate(flow.log_prob, flow.parameters, flow.sample, note)
+
+
+def _normflows(model: nn.Module, note: str, after_step=lambda: None) -> Candidate:
+    return Candidate(model.log_prob, model.parameters, lambda n: model.sample(n)[0], note,
+                     after_step)
+
+
+def _freia(inn: nn.Module, features: int, note: str) -> Candidate:
+    def log_prob(x: Tensor) -> Tensor:
+        z, log_jac = inn(x)
+        return -0.5 * z.pow(2).sum(1) - 0.5 * features * LOG_2PI + log_jac
+
+    def sample(n: int) -> Tensor:
+        return inn(torch.randn(n, features), rev=True)[0]
+    return Candidate(log_prob, inn.parameters, sample, note)
+
+
+def realnvp_candidates() -> dict[str, Candidate]:
+    """Case 1: 8 affine couplings, alternating masks, 1-128-128-2 ReLU conditioners."""
+    from flows.models.realnvp import RealNVP
+
+    cases = {f"flows{name}": _flows(RealNVP(2, num_layers=8, hidden_features=128, num_hidden=2,
+                                            compile=compile), "exp of soft-clamped s")
+             for name, compile in (("", False), (" compiled", True))}
+
+    import normflows as nf
+
+    layers = []
+    for _ in range(8):
+        layers += [nf.flows.AffineCouplingBlock(nf.nets.MLP([1, 128, 128, 2], init_zeros=True)),
+                   nf.flows.Permute(2, mode="swap")]
+    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), layers)
+    cases["normflows"] = _normflows(model, "exp scale")
+
+    from nflows.distributions import StandardNormal
+    from nflows.flows import Flow
+    from nflows.transforms import AffineCouplingTransform, CompositeTransform
+    from nflows.utils import create_alternating_binary_mask
+
+    class ContextFree(nn.Module):
+        """nflows calls conditioners as ``net(inputs, context)``."""
+
+        def __init__(self, n_in: int, n_out: int) -> None:
+            super().__init__()
+            self.net = mlp(n_in, n_out)
+
+        def forward(self, inputs: Tensor, context: object = None) -> Tensor:
+            return self.net(inputs)
+
+    transforms = [AffineCouplingTransform(create_alternating_binary_mask(2, even=i % 2 == 0),
+                                          ContextFree) for i in range(8)]
+    flow = Flow(CompositeTransform(transforms), StandardNormal([2]))
+    cases["nflows"] = Candidate(flow.log_prob, flow.parameters, flow.sample,
+                                "scale sigmoid(s + 2): can only shrink")
+
+    import zuko
+
+    lazy = zuko.flows.RealNVP(2, transforms=8, hidden_features=(128, 128))
+    cases["zuko"] = Candidate(lambda v: lazy().log_prob(v), lazy.parameters,
+                              lambda n: lazy().sample((n,)), "exp of soft-clamped s")
+
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    inn = Ff.SequenceINN(2)
+    for i in range(8):
+        inn.append(Fm.AffineCouplingOneSided, subnet_constructor=mlp)
+        inn.append(Fm.PermuteRandom, seed=i)
+    cases["FrEIA"] = _freia(inn, 2, "atan soft clamp; random permutations (a swap or the "
+                                    "identity in 2-D)")
+    return cases
+
+
+def _flows_iresnet(**kwargs) -> Candidate:
+    from flows.bijections.residual import ResidualBlock
+    from flows.models.iresnet import IResNet
+
+    flow = IResNet(2, num_blocks=10, hidden_features=128, num_hidden=2, activation="elu",
+                   lipschitz_coeff=0.9, actnorm=False, **kwargs)
+    blocks = [m for m in flow.modules() if isinstance(m, ResidualBlock)]
+    candidate = _flows(flow)
+    candidate.inverse_iterations = lambda: sum(b.last_inverse_iterations for b in blocks)
+    candidate.round_trip = lambda z: flow.transform(flow.transform.inverse(z)[0])[0]
+    return candidate
+
+
+def iresnet_candidates(series: bool = True) -> dict[str, Candidate]:
+    """Case 2: 10 residual blocks x + g(x), g = 2-128-128-2 ELU, c = 0.9, no ActNorm.
+
+    flows: exact 2x2 log-det (compiled and eager) and, with ``series``, the 5-term power
+    series with one Hutchinson probe (Neumann and backprop gradients); normflows' residual
+    flow (Residual Flows' code: brute-force 2-D log-det, and its default unbiased
+    memory-saving estimator); FrEIA's ``IResNetLayer``.
+    """
+    cases = {"flows exact, compiled": _flows_iresnet(logdet="exact", compile=True),
+             "flows exact, eager": _flows_iresnet(logdet="exact")}
+    if series:
+        cases["flows series 5 terms, neumann"] = _flows_iresnet(logdet="series", num_terms=5)
+        cases["flows series 5 terms, backprop"] = _flows_iresnet(
+            logdet="series", num_terms=5, series_gradient="backprop")
+
+    import normflows as nf
+
+    variants = [("normflows brute-force 2-D", dict(brute_force=True, reduce_memory=False),
+                 "stops its inverse at |dx|^2 < 1e-5 (1 + |z|), i.e. |dx| ~ 3e-3")]
+    if series:
+        variants.append(("normflows unbiased, memory-saving", {},
+                         "its training loss is a gradient surrogate, not the NLL"))
+    for name, kwargs, note in variants:
+        layers = [nf.flows.Residual(nf.nets.LipschitzMLP([2, 128, 128, 2], lipschitz_const=0.9,
+                                                         init_zeros=True), **kwargs)
+                  for _ in range(10)]
+        model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), layers)
+        cases[name] = _normflows(model, note,
+                                 lambda model=model: nf.utils.update_lipschitz(model, 5))
+        cases[name].round_trip = lambda z, model=model: _normflows_round_trip(model, z)
+    if series:
+        import FrEIA.framework as Ff
+        import FrEIA.modules as Fm
+
+        inn = Ff.SequenceINN(2)
+        for _ in range(10):
+            inn.append(Fm.IResNetLayer, internal_size=128, n_internal_layers=2,
+                       jacobian_iterations=5, hutchinson_samples=1, spectral_norm_max=0.9)
+        cases["FrEIA IResNetLayer"] = _freia(
+            inn, 2, "does not train the likelihood: its series log-det passes no gradient to "
+                    "the weights")
+    return cases
+
+
+def _normflows_round_trip(model: nn.Module, z: Tensor) -> Tensor:
+    """normflows' layers map z -> x in ``forward`` (sampling) and x -> z in ``inverse``."""
+    x = z
+    for flow in model.flows:
+        x, _ = flow(x)
+    for flow in reversed(model.flows):
+        x, _ = flow.inverse(x)
+    return x
+
+
+def normflows_glow(shape: tuple[int, int, int]) -> nn.Module:
+    """normflows' Glow example architecture (unconditional): L = 2 levels, K = 8 blocks."""
+    import normflows as nf
+
+    levels, steps, hidden = 2, 8, 64
+    channels = shape[0]
+    q0, merges, flows = [], [], []
+    for i in range(levels):
+        blocks = [nf.flows.GlowBlock(channels * 2 ** (levels + 1 - i), hidden,
+                                     split_mode="channel", scale=True) for _ in range(steps)]
+        flows.append(blocks + [nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            size = 2 ** (levels - i)
+            latent = (channels * size, shape[1] // size, shape[2] // size)
+        else:
+            size = 2 ** levels
+            latent = (channels * 2 ** (levels + 1), shape[1] // size, shape[2] // size)
+        q0.append(nf.distributions.DiagGaussian(latent))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def flows_image_model(model: str, data: str) -> nn.Module:
+    """The default ``model=<model> data=<data>`` flow, built from the project's configs."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}", f"data={data}"])
+    return instantiate(cfg.model)
+
+
+def image_candidates(data: str) -> dict[str, Candidate]:
+    """Case 3: flows' default image models (``data`` = digits or mnist shapes) and normflows'
+    Glow (2 levels x 8 blocks, 64 channels; flows' glow default is the same size)."""
+    cases = {f"flows {m}": _flows(flows_image_model(m, data))
+             for m in ("realnvp", "glow", "iresnet")}
+    shape = (1, 8, 8) if data == "digits" else (1, 28, 28)
+    model = normflows_glow(shape)
+    cases["normflows Glow 2x8, 64 ch"] = Candidate(
+        lambda x: model.log_prob(x, None), model.parameters, lambda n: model.sample(n)[0])
+    return cases
