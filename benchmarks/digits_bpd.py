@@ -11,7 +11,9 @@ test images (``results.json``). normflows' Glow
 learned diagonal Gaussian bases) trains in this process for the same budget on the same
 training images and dequantisation scheme, validates every 250 steps and reports the test
 bits/dim of its best validation state. Results go to ``benchmarks/results/digits_bpd.md`` and
-``.json``. Run with nothing else on the machine: it measures what a wall-clock budget buys.
+``.json``; rows of earlier runs stay unless the same library, model and seed run again (the
+step times of one run are interleaved only among the models it runs). Run with nothing else
+on the machine: it measures what a wall-clock budget buys.
 """
 
 from __future__ import annotations
@@ -164,8 +166,9 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "",
         f"{date.today()}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. "
-        f"`python benchmarks/digits_bpd.py --minutes {args.minutes} --seeds "
-        f"{' '.join(map(str, args.seeds))}{' --peer' if args.peer else ''}`. 1,350 training, "
+        f"Latest run: `python benchmarks/digits_bpd.py --minutes {args.minutes} --seeds "
+        f"{' '.join(map(str, args.seeds))} --models {' '.join(args.models)}"
+        f"{' --peer' if args.peer else ''}` (rows of earlier runs kept). 1,350 training, "
         f"150 validation, 297 test images, 17 levels; test bits/dim of the best checkpoint "
         f"by validation NLL (standard error over test images in brackets).",
         "",
@@ -211,16 +214,21 @@ def main() -> None:
         models["normflows"] = normflows_glow((1, 8, 8))
     step_ms = step_times(models, peer={"normflows"})
     print("ms per step:", step_ms, flush=True)
-    rows = []
+    path = RESULTS / "digits_bpd.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+
+    def add(row: dict) -> None:
+        """Replace the stored row of the same library, model and seed (a re-run)."""
+        key = (row["library"], row["model"], row["seed"])
+        rows[:] = [r for r in rows if (r["library"], r["model"], r["seed"]) != key] + [row]
+        print(row, flush=True)
+        write(sorted(rows, key=lambda r: r["seed"]), args)
+
     for seed in args.seeds:
         for model in args.models:
-            rows.append(run_flows(model, seed, args.minutes) | {"step_ms": step_ms[model]})
-            print(rows[-1], flush=True)
-            write(rows, args)
+            add(run_flows(model, seed, args.minutes) | {"step_ms": step_ms[model]})
         if args.peer:
-            rows.append(run_normflows(seed, args.minutes) | {"step_ms": step_ms["normflows"]})
-            print(rows[-1], flush=True)
-            write(rows, args)
+            add(run_normflows(seed, args.minutes) | {"step_ms": step_ms["normflows"]})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The same architectures built in flows and in each peer library, for compare_peers.py.
 
-Every builder returns ``{name: Candidate}``: a log-density to train, its parameters, a sampler
+Every builder returns ``{name: Candidate}``: the model, a log-density to train, a sampler
 (``z ~ N(0, I)`` decoded through the inverse), the note the results table carries, and for
 normflows' residual flows the Lipschitz upkeep its users must call after each step. Builders
 construct fresh models, so ``torch.manual_seed`` before a call fixes their initialisation.
@@ -11,7 +11,7 @@ Peers (the ``bench`` extra): normflows, nflows, zuko, FrEIA.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +25,7 @@ class Candidate:
     """One library's model: what a training step, a sampler and the table need."""
 
     log_prob: Callable[[Tensor], Tensor]
-    parameters: Callable[[], Iterator[nn.Parameter]]
+    model: nn.Module
     sample: Callable[[int], Tensor]
     note: str = ""
     after_step: Callable[[], None] = field(default=lambda: None)
@@ -40,11 +40,11 @@ def mlp(n_in: int, n_out: int) -> nn.Module:
 
 
 def _flows(flow: nn.Module, note: str = "") -> Candidate:
-    return Candidate(flow.log_prob, flow.parameters, flow.sample, note)
+    return Candidate(flow.log_prob, flow, flow.sample, note)
 
 
 def _normflows(model: nn.Module, note: str, after_step=lambda: None) -> Candidate:
-    return Candidate(model.log_prob, model.parameters, lambda n: model.sample(n)[0], note,
+    return Candidate(model.log_prob, model, lambda n: model.sample(n)[0], note,
                      after_step)
 
 
@@ -55,7 +55,7 @@ def _freia(inn: nn.Module, features: int, note: str) -> Candidate:
 
     def sample(n: int) -> Tensor:
         return inn(torch.randn(n, features), rev=True)[0]
-    return Candidate(log_prob, inn.parameters, sample, note)
+    return Candidate(log_prob, inn, sample, note)
 
 
 def realnvp_candidates() -> dict[str, Candidate]:
@@ -93,13 +93,13 @@ def realnvp_candidates() -> dict[str, Candidate]:
     transforms = [AffineCouplingTransform(create_alternating_binary_mask(2, even=i % 2 == 0),
                                           ContextFree) for i in range(8)]
     flow = Flow(CompositeTransform(transforms), StandardNormal([2]))
-    cases["nflows"] = Candidate(flow.log_prob, flow.parameters, flow.sample,
+    cases["nflows"] = Candidate(flow.log_prob, flow, flow.sample,
                                 "scale sigmoid(s + 2): can only shrink")
 
     import zuko
 
     lazy = zuko.flows.RealNVP(2, transforms=8, hidden_features=(128, 128))
-    cases["zuko"] = Candidate(lambda v: lazy().log_prob(v), lazy.parameters,
+    cases["zuko"] = Candidate(lambda v: lazy().log_prob(v), lazy,
                               lambda n: lazy().sample((n,)), "exp of soft-clamped s")
 
     import FrEIA.framework as Ff
@@ -224,5 +224,5 @@ def image_candidates(data: str) -> dict[str, Candidate]:
     shape = (1, 8, 8) if data == "digits" else (1, 28, 28)
     model = normflows_glow(shape)
     cases["normflows Glow 2x8, 64 ch"] = Candidate(
-        lambda x: model.log_prob(x, None), model.parameters, lambda n: model.sample(n)[0])
+        lambda x: model.log_prob(x, None), model, lambda n: model.sample(n)[0])
     return cases

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -57,3 +59,24 @@ def check_bijection(bijection: Bijection, x: Tensor, atol: float = 1e-6) -> None
     torch.testing.assert_close(logdet, expected, atol=atol, rtol=1e-6)
     expected_inverse = autograd_logdet(lambda inp: bijection.inverse(inp)[0], z)
     torch.testing.assert_close(inverse_logdet, expected_inverse, atol=atol, rtol=1e-6)
+
+
+def assert_same_training_results(reference: nn.Module, other: nn.Module, x: Tensor) -> None:
+    """``other`` (e.g. compiled) gives ``reference``'s log p(x), parameter gradients and state.
+
+    Both models must start identical; each computes ``log_prob(x)`` in its current mode and
+    its gradients; any ``RuntimeWarning`` (a compile fallback to eager) is an error.
+    """
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for model in (reference, other):
+            log_prob = model.log_prob(x)
+            grads = torch.autograd.grad(log_prob.sum(), list(model.parameters()))
+            results.append((log_prob, grads, model.state_dict()))
+    (lp, grads, state), (lp_other, grads_other, state_other) = results
+    torch.testing.assert_close(lp_other, lp)
+    for got, want in zip(grads_other, grads, strict=True):
+        torch.testing.assert_close(got, want)
+    for name, value in state.items():  # buffers too: power-iteration vectors, ActNorm flags
+        torch.testing.assert_close(state_other[name], value, msg=name)

@@ -1,7 +1,6 @@
 """i-ResNet: spectral norm, Lipschitz MLP, residual block and model, against mathematics."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from flows.nn.lipschitz import (
     spectral_norm_,
     spectral_norms,
 )
-from tests.checks import check_bijection, perturb_
+from tests.checks import assert_same_training_results, check_bijection, perturb_
 
 TIGHT = {"inverse_atol": 1e-12, "inverse_rtol": 1e-12}
 
@@ -380,29 +379,18 @@ def test_training_step_and_sampling_smoke():
 
 @pytest.mark.parametrize("activation", ["elu", "lipswish"])
 def test_compiled_block_matches_eager(activation):
-    """The compiled exact forward gives the eager values, gradients and power-iteration state."""
+    """The compiled exact forward gives the eager values, gradients and power-iteration state
+    (in training, then in eval mode)."""
     models = []
     for compile_ in (False, True):
         torch.manual_seed(0)
         models.append(perturb_(IResNet(2, num_blocks=2, hidden_features=16, activation=activation,
                                        compile=compile_), scale=0.5).double().train())
     x = torch.randn(37, 2, dtype=torch.float64)  # float64: only the math, not rounding, counts
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
-        results = []
-        for model in models:
-            log_prob = model.log_prob(x)
-            grads = torch.autograd.grad(log_prob.sum(), list(model.parameters()))
-            model.eval()
-            with torch.no_grad():
-                results.append((log_prob, grads, model.log_prob(x[:5]), model.state_dict()))
-    (lp, grads, lp_eval, state), (lp_c, grads_c, lp_eval_c, state_c) = results
-    torch.testing.assert_close(lp_c, lp)
-    torch.testing.assert_close(lp_eval_c, lp_eval)
-    for got, want in zip(grads_c, grads, strict=True):
-        torch.testing.assert_close(got, want)
-    for name, value in state.items():  # includes every u and v, updated by the forward
-        torch.testing.assert_close(state_c[name], value, msg=name)
+    assert_same_training_results(*models, x)
+    for model in models:
+        model.eval()
+    assert_same_training_results(*models, x[:5])
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning():
