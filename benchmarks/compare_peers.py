@@ -265,6 +265,17 @@ def sampling_section(train_s: float) -> dict:
     return report
 
 
+def budget_cell(runs: dict) -> str:
+    """Mean test NLL over seeds (mean steps); runs that ended in NaN are counted, not averaged."""
+    nll = np.array(runs["nll"])
+    finite = np.isfinite(nll)
+    cell = f"{nll[finite].mean():.3f}" if finite.any() else "-"
+    cell += f" ({np.mean(runs['steps']):.0f})"
+    if not finite.all():
+        cell += f", NaN in {(~finite).sum()} of {len(nll)} seeds"
+    return cell
+
+
 def write_markdown(report: dict, args: argparse.Namespace) -> None:
     lines = [f"# flows against peer libraries ({date.today()})", "",
              f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}; "
@@ -296,8 +307,7 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
                   "|---|---|" + "---|" * len(TOY_SETS)]
         for case, models in budget["nll"].items():
             for name, sets in models.items():
-                cells = [f"{np.mean(sets[d]['nll']):.3f} ({np.mean(sets[d]['steps']):.0f})"
-                         for d in TOY_SETS]
+                cells = [budget_cell(sets[d]) for d in TOY_SETS]
                 lines.append(f"| {case} | {name} | " + " | ".join(cells) + " |")
         lines.append("")
     sampling = report.get("sampling")
