@@ -88,14 +88,15 @@ def logdet_power_series(
     gx = net(x_rep)
     v = sample_probes(x_rep, probe)
     backprop = create_graph and gradient == "backprop"
+    neumann_gradient = create_graph and gradient == "neumann"
     w, neumann = v, v
     estimate = x_rep.new_zeros(x_rep.shape[0])
     for k in range(1, num_terms + 1):
         (w,) = torch.autograd.grad(gx, x_rep, w, create_graph=backprop, retain_graph=True)
         estimate = estimate + ((-1) ** (k + 1) / k) * (w * v).flatten(1).sum(1)
-        if create_graph and not backprop and k < num_terms:
+        if neumann_gradient and k < num_terms:
             neumann = neumann + (-1) ** k * w
-    if create_graph and not backprop:
+    if neumann_gradient:
         (neumann_jacobian,) = torch.autograd.grad(gx, x_rep, neumann, create_graph=True)
         surrogate = (neumann_jacobian * v).flatten(1).sum(1)
         estimate = estimate + (surrogate - surrogate.detach())
