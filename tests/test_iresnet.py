@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
+from flows.bijections.normalization import ActNorm
 from flows.bijections.residual import ResidualBlock, logdet_power_series
+from flows.bijections.residual_chain import ExactResidualChain
+from flows.core import Compose, NormalizingFlow, first_nonfinite_bijection
 from flows.models.iresnet import IResNet
 from flows.nn.compile import CompiledOrEager
 from flows.nn.lipschitz import (
@@ -377,20 +380,55 @@ def test_training_step_and_sampling_smoke():
 # torch.compile ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("activation", ["elu", "lipswish"])
-def test_compiled_block_matches_eager(activation):
-    """The compiled exact forward gives the eager values, gradients and power-iteration state
-    (in training, then in eval mode)."""
+def layer_by_layer(model: IResNet) -> NormalizingFlow:
+    """The same layers in a plain ``Compose``: the reference the fused chain must reproduce."""
+    return NormalizingFlow(Compose(*model.transform.bijections), model.base)
+
+
+@pytest.mark.parametrize(("activation", "compile_", "per_call"),
+                         [("elu", True, 2), ("lipswish", True, 4), ("elu", False, 1)])
+def test_fused_chain_matches_layer_by_layer(activation, compile_, per_call):
+    """The fused (and compiled) exact forward gives the layer-by-layer values, gradients and
+    state: power-iteration vectors after training steps, ActNorm init, eval mode; 3 blocks,
+    so a group may hold fewer than ``blocks_per_call``."""
     models = []
-    for compile_ in (False, True):
+    for fused in (False, True):
         torch.manual_seed(0)
-        models.append(perturb_(IResNet(2, num_blocks=2, hidden_features=16, activation=activation,
-                                       compile=compile_), scale=0.5).double().train())
+        model = perturb_(IResNet(2, num_blocks=3, hidden_features=16, activation=activation,
+                                 n_power_iterations=2, compile=compile_,
+                                 blocks_per_call=per_call), scale=0.5).double().train()
+        models.append(model if fused else layer_by_layer(model))
     x = torch.randn(37, 2, dtype=torch.float64)  # float64: only the math, not rounding, counts
+    chain = models[1].transform
+    assert not chain.fusable(x)  # ActNorm's data-dependent init runs layer by layer
     assert_same_training_results(*models, x)
+    assert chain.fusable(x)
+    assert_same_training_results(*models, x.flip(0))  # a second step: updated u, v
     for model in models:
         model.eval()
+    assert chain.fusable(x[:5])
     assert_same_training_results(*models, x[:5])
+
+
+def test_chain_runs_layer_by_layer_under_hooks_and_for_series_logdets():
+    """Forward hooks (``first_nonfinite_bijection``) and non-exact log-dets see every layer."""
+    torch.manual_seed(0)
+    model = IResNet(2, num_blocks=3, hidden_features=8).eval()
+    x = torch.randn(16, 2)
+    assert model.transform.fusable(x)
+    with torch.no_grad():
+        model.transform.bijections[2].net.linears[1].bias.fill_(math.nan)
+    assert first_nonfinite_bijection(model, x) == "transform.bijections.2 (ResidualBlock)"
+    series = IResNet(2, num_blocks=2, hidden_features=8, logdet="series").eval()
+    assert not series.transform.fusable(x)
+
+
+def test_chain_refuses_blocks_it_cannot_fuse():
+    blocks = [ResidualBlock(LipschitzMLP(2, 8, activation=a)) for a in ("elu", "lipswish")]
+    with pytest.raises(ValueError, match="share the activation"):
+        ExactResidualChain(blocks)
+    with pytest.raises(ValueError, match="one ActNorm per block"):
+        ExactResidualChain(blocks[:1], [ActNorm(2), ActNorm(2)])
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning():

@@ -19,6 +19,17 @@ def _spatial_size(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
+def actnorm(x: Tensor, shift: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``(z, log|det dz/dx|)`` of ``z = (x - shift) * exp(-log_scale)``, pure (``ActNorm``'s math).
+
+    ``shift, log_scale`` ``(C,)`` act on dim 1 of ``x`` ``(B, C, *spatial)``; the log-det
+    ``-H*W * sum_c log_scale_c`` is expanded to ``(B,)``.
+    """
+    z = (x - _broadcast(shift, x)) * _broadcast(torch.exp(-log_scale), x)
+    logdet = -log_scale.sum() * _spatial_size(x)
+    return z, logdet.expand(x.shape[0])
+
+
 class ActNorm(Bijection):
     """Per-feature affine normalisation ``z = (x - shift) * exp(-log_scale)`` (Glow).
 
@@ -60,9 +71,7 @@ class ActNorm(Bijection):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not self.initialized:
             self._initialize(x)
-        z = (x - _broadcast(self.shift, x)) * _broadcast(torch.exp(-self.log_scale), x)
-        logdet = -self.log_scale.sum() * _spatial_size(x)
-        return z, logdet.expand(x.shape[0])
+        return actnorm(x, self.shift, self.log_scale)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         x = z * _broadcast(torch.exp(self.log_scale), z) + _broadcast(self.shift, z)

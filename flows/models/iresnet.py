@@ -8,6 +8,7 @@ from flows.bijections.elementwise import Logit
 from flows.bijections.normalization import ActNorm
 from flows.bijections.reshape import FactorOut, Squeeze, squeezed_shape
 from flows.bijections.residual import ResidualBlock
+from flows.bijections.residual_chain import ExactResidualChain
 from flows.core import Bijection, Compose, Inverse, NormalizingFlow
 from flows.distributions import StandardNormal
 from flows.models.multiscale import image_shape
@@ -46,8 +47,10 @@ class IResNet(NormalizingFlow):
         inverse_atol: absolute tolerance of each block's fixed-point inverse.
         inverse_rtol: relative tolerance of each block's fixed-point inverse.
         inverse_max_iterations: iteration cap of each block's fixed-point inverse.
-        compile: compile each block's exact forward with ``torch.compile`` (about 1.6x faster
-            2-D training steps on a CPU; falls back to eager with a warning if compiling fails).
+        compile: run the exact forward through ``torch.compile``, ``blocks_per_call`` blocks
+            (with their ActNorms) per compiled call (``ExactResidualChain``; 2-D training
+            steps about 2x faster on a CPU; eager with a warning if compiling fails).
+        blocks_per_call: blocks per fused call of the exact forward.
 
     References:
         Behrmann et al., Invertible Residual Networks (2019), https://arxiv.org/abs/1811.00995
@@ -74,36 +77,28 @@ class IResNet(NormalizingFlow):
         inverse_rtol: float = 1e-5,
         inverse_max_iterations: int = 1000,
         compile: bool = False,
+        blocks_per_call: int = 4,
     ) -> None:
-        layers: list[Bijection] = []
-        for _ in range(num_blocks):
-            net = LipschitzMLP(
-                features,
-                hidden_features,
-                num_hidden,
-                activation,
-                lipschitz_coeff,
-                n_power_iterations,
-                compile,
+        blocks = [
+            ResidualBlock(
+                LipschitzMLP(features, hidden_features, num_hidden, activation, lipschitz_coeff,
+                             n_power_iterations),
+                logdet=logdet,
+                num_terms=num_terms,
+                num_probes=num_probes,
+                eval_num_terms=eval_num_terms,
+                eval_num_probes=eval_num_probes,
+                probe=probe,
+                series_gradient=series_gradient,
+                inverse_atol=inverse_atol,
+                inverse_rtol=inverse_rtol,
+                inverse_max_iterations=inverse_max_iterations,
             )
-            layers.append(
-                ResidualBlock(
-                    net,
-                    logdet=logdet,
-                    num_terms=num_terms,
-                    num_probes=num_probes,
-                    eval_num_terms=eval_num_terms,
-                    eval_num_probes=eval_num_probes,
-                    probe=probe,
-                    series_gradient=series_gradient,
-                    inverse_atol=inverse_atol,
-                    inverse_rtol=inverse_rtol,
-                    inverse_max_iterations=inverse_max_iterations,
-                )
-            )
-            if actnorm:
-                layers.append(ActNorm(features))
-        super().__init__(Compose(*layers), StandardNormal((features,)))
+            for _ in range(num_blocks)
+        ]
+        actnorms = [ActNorm(features) for _ in range(num_blocks)] if actnorm else None
+        super().__init__(ExactResidualChain(blocks, actnorms, blocks_per_call, compile),
+                         StandardNormal((features,)))
 
 
 class ConvIResNet(NormalizingFlow):

@@ -20,8 +20,6 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from flows.nn.compile import CompiledOrEager
-
 
 def _check_coeff(coeff: float) -> None:
     if not 0.0 < coeff < 1.0:
@@ -341,7 +339,6 @@ class LipschitzMLP(nn.Module):
         activation: ``"elu"`` or ``"lipswish"``.
         coeff: spectral-norm target ``c`` of each linear, in (0, 1).
         n_power_iterations: power-iteration steps per training-mode forward.
-        compile: run ``forward_with_logdet`` through ``torch.compile`` (eager if that fails).
     """
 
     def __init__(
@@ -352,7 +349,6 @@ class LipschitzMLP(nn.Module):
         activation: str = "lipswish",
         coeff: float = 0.9,
         n_power_iterations: int = 1,
-        compile: bool = False,
     ) -> None:
         super().__init__()
         _check_coeff(coeff)
@@ -366,7 +362,6 @@ class LipschitzMLP(nn.Module):
         self.activations = nn.ModuleList(ACTIVATIONS[activation]() for _ in range(num_hidden))
         self.activation = activation
         self.coeff = coeff
-        self.compile = compile
 
     @property
     def lipschitz_bound(self) -> float:
@@ -391,32 +386,43 @@ class LipschitzMLP(nn.Module):
     def forward_with_logdet(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(g(x), log|det(I + J_g(x))|)``, shapes ``(B, D)`` and ``(B,)``: exact.
 
-        The residual block's whole forward as one pure function (``residual_exact``): the
-        spectral normalisation of every weight (with its power-iteration step in training
-        mode, the buffers updated afterwards), ``mlp_with_jacobian`` and ``logdet_exact``.
-        With ``compile`` it runs through ``torch.compile`` (one graph shared by every block of
-        the same shapes, any batch size), which fuses the many small ops of a 2-D block.
+        The residual block's whole forward as one pure function, ``residual_exact`` on
+        ``exact_arguments()``: the spectral normalisation of every weight (with its
+        power-iteration step in training mode), ``mlp_with_jacobian`` and ``logdet_exact``;
+        then ``store_vectors`` keeps the updated power-iteration vectors.
         """
-        normalizations = [linear.parametrizations.weight[0] for linear in self.linears]
+        gx, logdet, us, vs = residual_exact(x, *self.exact_arguments())
+        self.store_vectors(us, vs)
+        return gx, logdet
+
+    def exact_arguments(self) -> tuple:
+        """The arguments of ``residual_exact`` after ``x``, read from this module's state.
+
+        Refreshes every ``SpectralNormalization`` first (a stale one converges in eval mode)
+        and, in training mode with ``n_power_iterations > 1``, runs the extra power steps.
+        """
+        normalizations = self._normalizations()
         weights = [linear.parametrizations.weight.original for linear in self.linears]
         for normalization, weight in zip(normalizations, weights, strict=True):
             normalization.refresh_(weight)
         if self.training and normalizations[0].n_power_iterations > 1:
             for normalization, weight in zip(normalizations, weights, strict=True):
                 normalization.power_iterate_(weight, normalization.n_power_iterations - 1)
-        function = _residual_exact_compiled if self.compile else residual_exact
-        gx, logdet, us, vs = function(
-            x, weights, [linear.bias for linear in self.linears],
-            [p.u for p in normalizations], [p.v for p in normalizations],
-            self._activation_params(), self.activation, self.coeff, normalizations[0].eps,
-            self.training,
-        )
+        return (weights, [linear.bias for linear in self.linears],
+                [p.u for p in normalizations], [p.v for p in normalizations],
+                self._activation_params(), self.activation, self.coeff, normalizations[0].eps,
+                self.training)
+
+    @torch.no_grad()
+    def store_vectors(self, us: list[Tensor], vs: list[Tensor]) -> None:
+        """Keep ``residual_exact``'s power-iteration vectors (training mode; eval leaves them)."""
         if self.training:
-            with torch.no_grad():
-                for normalization, u, v in zip(normalizations, us, vs, strict=True):
-                    normalization.u.copy_(u)
-                    normalization.v.copy_(v)
-        return gx, logdet
+            for normalization, u, v in zip(self._normalizations(), us, vs, strict=True):
+                normalization.u.copy_(u)
+                normalization.v.copy_(v)
+
+    def _normalizations(self) -> list[SpectralNormalization]:
+        return [linear.parametrizations.weight[0] for linear in self.linears]
 
     def _activation_params(self) -> list[Tensor]:
         return [act.raw_beta for act in self.activations] if self.activation == "lipswish" else []
@@ -474,5 +480,3 @@ def residual_exact(
                                 activation_params)
     return gx, logdet_exact(jac), [n[1] for n in normalized], [n[2] for n in normalized]
 
-
-_residual_exact_compiled = CompiledOrEager(residual_exact)
