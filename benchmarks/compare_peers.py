@@ -1,7 +1,7 @@
 """flows against peer libraries on the same architectures: step time, memory, NLL per second.
 
     pip install -e ".[bench]"          # normflows, nflows, zuko, FrEIA (this benchmark only)
-    python benchmarks/compare_peers.py [--sections steps memory budget sampling]
+    python benchmarks/compare_peers.py [--sections steps memory budget sampling] [--cases ...]
         [--rounds 7] [--steps 20] [--budget-s 60] [--seeds 0 1 2]
 
 Architectures (``peer_models.py``): case 1, Real NVP 2-D (8 affine couplings, 1-128-128-2
@@ -327,6 +327,8 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                        help="steps section: the cases to time (the others' rows stay)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=60.0)
@@ -346,7 +348,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     for section in args.sections:
         if section == "steps":
-            report["steps"] = {case: time_steps(case, args.rounds, args.steps) for case in CASES}
+            report["steps"] = report.get("steps", {}) | {
+                case: time_steps(case, args.rounds, args.steps) for case in args.cases}
         elif section == "memory":
             report["memory"] = memory_section()
         elif section == "budget":
