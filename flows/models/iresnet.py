@@ -48,8 +48,9 @@ class IResNet(NormalizingFlow):
         inverse_rtol: relative tolerance of each block's fixed-point inverse.
         inverse_max_iterations: iteration cap of each block's fixed-point inverse.
         compile: run the exact forward through ``torch.compile``, ``blocks_per_call`` blocks
-            (with their ActNorms) per compiled call (``ExactResidualChain``; 2-D training
-            steps about 2x faster on a CPU; eager with a warning if compiling fails).
+            (with their ActNorms) per compiled call (``ExactResidualChain``; the 32-block 2-D
+            default: 32 ms per training step against 48 ms eagerly on 2 CPU threads; eager
+            with a warning if compiling fails).
         blocks_per_call: blocks per fused call of the exact forward.
 
     References:
