@@ -23,8 +23,8 @@ class ExactResidualChain(Compose):
     pure function, ``residual_chain_exact``, and with ``compile`` runs it through
     ``torch.compile``: one graph serves every group of the same shapes, and most of the
     per-layer Python and dispatch overhead of small 2-D steps goes (32 blocks of 32 hidden
-    units, batch 1024, 2 CPU threads: 37 ms per training step compiled block by block, 28.5 ms
-    four blocks per call, after ~25 s of compiling that inductor caches on disk).
+    units, batch 1024, 2 CPU threads: 37 ms per training step compiled block by block, 32 ms
+    four blocks per call, after ~42 s of compiling on a cold cache; inductor keeps it on disk).
 
     It runs layer by layer (``Compose.forward``) where the fused path would not be the same
     computation: an ActNorm not yet initialised in training mode (its data-dependent init),
