@@ -180,7 +180,7 @@ class FlowDiagnostics(L.Callback):
     """
 
     def __init__(self, num_points: int = 1000, reconstruction_warning: float = 1e-3,
-                 saturation_warning: float = 0.05, batch_size: int = 250) -> None:
+                 saturation_warning: float = 0.05, batch_size: int = 1000) -> None:
         self.num_points = num_points
         self.batch_size = batch_size
         self.reconstruction_warning = reconstruction_warning
