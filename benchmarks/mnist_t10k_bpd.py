@@ -4,7 +4,7 @@
         [--models glow realnvp] [--steps 2000 1000] [--seeds 0]
 
 For machines that hold only MNIST's test split (``t10k-images-idx3-ubyte.gz``, offline). The
-split is read through torchvision's own MNIST reader, shuffled once (``torch.Generator`` seed
+split is read with torchvision's own IDX reader, shuffled once (``torch.Generator`` seed
 0) and written back as IDX files into a scratch torchvision root: 9,000 images as the
 "training" file and the other 1,000 as the "test" file. Each model then trains through its
 default command on real MNIST images,
@@ -44,15 +44,14 @@ NUM_HELD_OUT = 1000
 
 
 def read_t10k(source: Path, scratch: Path) -> np.ndarray:
-    """The 10,000 test images ``(N, 28, 28)`` ``uint8`` through torchvision's MNIST reader."""
-    from torchvision.datasets import MNIST
+    """The 10,000 test images ``(N, 28, 28)`` ``uint8``, parsed by torchvision's IDX reader
+    (``MNIST`` itself refuses a root without the training files)."""
+    from torchvision.datasets.mnist import read_image_file
 
-    raw = scratch / "source" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        with gzip.open(source / f"{name}.gz", "rb") as packed, open(raw / name, "wb") as out:
-            shutil.copyfileobj(packed, out)
-    return MNIST(str(scratch / "source"), train=False, download=False).data.numpy()
+    path = scratch / "t10k-images-idx3-ubyte"
+    with gzip.open(source / f"{path.name}.gz", "rb") as packed, open(path, "wb") as out:
+        shutil.copyfileobj(packed, out)
+    return read_image_file(str(path)).numpy()
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
