@@ -224,7 +224,7 @@ def test_stale_power_iteration_is_corrected_at_load_and_evaluate_guards_contract
     cfg = OmegaConf.create({"ckpt": str(path), "device": "cpu", "force": False,
                             "split": "test", "batch_size": 1000, "out": str(tmp_path / "f.json"),
                             "max_bias": 1e-4, "max_se": 1e-3, "min_passes": 2,
-                            "max_passes": 3})
+                            "max_passes": 3, "exact_logdet_max_dims": 0})
     with pytest.raises(ValueError, match=r"not contractive.*transform.bijections.0"):
         evaluate_module.evaluate(cfg)
     cfg.force = True
