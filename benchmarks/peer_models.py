@@ -131,13 +131,15 @@ def iresnet_candidates(series: bool = True) -> dict[str, Candidate]:
     """Case 2: 10 residual blocks x + g(x), g = 2-128-128-2 ELU, c = 0.9, no ActNorm.
 
     flows: exact 2x2 log-det (compiled and eager) and, with ``series``, the 5-term power
-    series with one Hutchinson probe (Neumann and backprop gradients); normflows' residual
-    flow (Residual Flows' code: brute-force 2-D log-det, and its default unbiased
-    memory-saving estimator); FrEIA's ``IResNetLayer``.
+    series with one Hutchinson probe (Neumann gradient compiled and eager, backprop);
+    normflows' residual flow (Residual Flows' code: brute-force 2-D log-det, and its default
+    unbiased memory-saving estimator); FrEIA's ``IResNetLayer``.
     """
     cases = {"flows exact, compiled": _flows_iresnet(logdet="exact", compile=True),
              "flows exact, eager": _flows_iresnet(logdet="exact")}
     if series:
+        cases["flows series 5 terms, neumann, compiled"] = _flows_iresnet(
+            logdet="series", num_terms=5, compile=True)
         cases["flows series 5 terms, neumann"] = _flows_iresnet(logdet="series", num_terms=5)
         cases["flows series 5 terms, backprop"] = _flows_iresnet(
             logdet="series", num_terms=5, series_gradient="backprop")

@@ -61,16 +61,20 @@ def check_bijection(bijection: Bijection, x: Tensor, atol: float = 1e-6) -> None
     torch.testing.assert_close(inverse_logdet, expected_inverse, atol=atol, rtol=1e-6)
 
 
-def assert_same_training_results(reference: nn.Module, other: nn.Module, x: Tensor) -> None:
+def assert_same_training_results(reference: nn.Module, other: nn.Module, x: Tensor,
+                                 seed: int | None = None) -> None:
     """``other`` (e.g. compiled) gives ``reference``'s log p(x), parameter gradients and state.
 
     Both models must start identical; each computes ``log_prob(x)`` in its current mode and
-    its gradients; any ``RuntimeWarning`` (a compile fallback to eager) is an error.
+    its gradients; any ``RuntimeWarning`` (a compile fallback to eager) is an error. With
+    ``seed``, the random generator is seeded before each model (the same Hutchinson probes).
     """
     results = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for model in (reference, other):
+            if seed is not None:
+                torch.manual_seed(seed)
             log_prob = model.log_prob(x)
             grads = torch.autograd.grad(log_prob.sum(), list(model.parameters()))
             results.append((log_prob, grads, model.state_dict()))

@@ -1,5 +1,6 @@
 """i-ResNet: spectral norm, Lipschitz MLP, residual block and model, against mathematics."""
 
+import copy
 import math
 
 import pytest
@@ -7,20 +8,19 @@ import torch
 
 from flows.bijections.normalization import ActNorm
 from flows.bijections.residual import ResidualBlock, logdet_power_series
-from flows.bijections.residual_chain import ExactResidualChain
+from flows.bijections.residual_chain import MLPResidualChain
 from flows.core import Compose, NormalizingFlow, first_nonfinite_bijection
 from flows.models.iresnet import IResNet
+from flows.nn.activations import ELU, LipSwish
 from flows.nn.compile import CompiledOrEager
 from flows.nn.lipschitz import (
-    ELU,
     LipschitzMLP,
-    LipSwish,
     SpectralNormalization,
-    logdet_exact,
     power_iterate_,
     spectral_norm_,
     spectral_norms,
 )
+from flows.nn.mlp_jacobian import logdet_exact
 from tests.checks import assert_same_training_results, check_bijection, perturb_
 
 TIGHT = {"inverse_atol": 1e-12, "inverse_rtol": 1e-12}
@@ -267,6 +267,51 @@ def test_neumann_series_gradient_is_unbiased_for_the_truncated_series(num_terms)
     assert grad_se.max() < 0.05 * expected_grad.abs().max()
 
 
+class AutogradOnly(torch.nn.Module):
+    """``g`` without ``forward_with_series_logdet``: the block takes autograd's VJPs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("gradient", ["neumann", "backprop"])
+@pytest.mark.parametrize(("activation", "probe"),
+                         [("elu", "gaussian"), ("lipswish", "rademacher")])
+def test_hand_written_series_matches_autograd_vjps(gradient, activation, probe):
+    """The MLP's hand-written Jacobian products give autograd's series: the same samples
+    (same seed, 3 probes sharing one evaluation of g) and the same gradients in x and every
+    parameter, in training (with a power-iteration step) and in eval under no_grad."""
+    net = make_net(features=3, hidden=16, activation=activation).train()
+    blocks = [ResidualBlock(module, logdet="series", num_terms=6, num_probes=3, probe=probe,
+                            series_gradient=gradient, eval_num_terms=9, eval_num_probes=2)
+              for module in (copy.deepcopy(net), AutogradOnly(copy.deepcopy(net)))]
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for block in blocks:
+        torch.manual_seed(0)
+        z, logdet = block.train()(x)
+        params = list(block.parameters())
+        grads = torch.autograd.grad((logdet * torch.arange(1.0, 6.0)).sum() + z.sum(),
+                                    [x, *params])
+        block.eval()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            _, eval_logdet = block(x)
+        results.append((z, logdet, grads, eval_logdet))
+    (z, logdet, grads, eval_logdet), (z_ref, logdet_ref, grads_ref, eval_ref) = results
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(logdet, logdet_ref)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(eval_logdet, eval_ref)
+    assert not eval_logdet.requires_grad
+    assert all(g.abs().sum() > 0 for g in grads)  # the comparison covers every input
+
+
 def saved_tensor_bytes(block, x):
     """Bytes of every tensor the autograd graph of ``block(x)`` saves for backward."""
     total = 0
@@ -385,33 +430,37 @@ def layer_by_layer(model: IResNet) -> NormalizingFlow:
     return NormalizingFlow(Compose(*model.transform.bijections), model.base)
 
 
-@pytest.mark.parametrize(("activation", "compile_", "per_call"),
-                         [("elu", True, 2), ("lipswish", True, 4), ("elu", False, 1)])
-def test_fused_chain_matches_layer_by_layer(activation, compile_, per_call):
-    """The fused (and compiled) exact forward gives the layer-by-layer values, gradients and
-    state: power-iteration vectors after training steps, ActNorm init, eval mode; 3 blocks,
-    so a group may hold fewer than ``blocks_per_call``."""
+@pytest.mark.parametrize(("activation", "compile_", "per_call", "series"),
+                         [("elu", True, 2, {}), ("lipswish", False, 1, {}),
+                          ("lipswish", True, 4, {"logdet": "series", "num_probes": 2}),
+                          ("elu", False, 2, {"logdet": "series", "series_gradient": "backprop"})])
+def test_fused_chain_matches_layer_by_layer(activation, compile_, per_call, series):
+    """The fused (and compiled) forward, exact or power series, gives the layer-by-layer
+    values, gradients and state: power-iteration vectors after training steps, ActNorm init,
+    eval mode (20 series terms, 4 probes); 3 blocks, so a group may hold fewer than
+    ``blocks_per_call``; the same seed gives both the same probes."""
     models = []
     for fused in (False, True):
         torch.manual_seed(0)
-        model = perturb_(IResNet(2, num_blocks=3, hidden_features=16, activation=activation,
+        model = perturb_(IResNet(3, num_blocks=3, hidden_features=16, activation=activation,
                                  n_power_iterations=2, compile=compile_,
-                                 blocks_per_call=per_call), scale=0.5).double().train()
+                                 blocks_per_call=per_call, **series), scale=0.5).double().train()
         models.append(model if fused else layer_by_layer(model))
-    x = torch.randn(37, 2, dtype=torch.float64)  # float64: only the math, not rounding, counts
+    x = torch.randn(37, 3, dtype=torch.float64)  # float64: only the math, not rounding, counts
     chain = models[1].transform
     assert not chain.fusable(x)  # ActNorm's data-dependent init runs layer by layer
-    assert_same_training_results(*models, x)
+    assert_same_training_results(*models, x, seed=1)
     assert chain.fusable(x)
-    assert_same_training_results(*models, x.flip(0))  # a second step: updated u, v
+    assert_same_training_results(*models, x.flip(0), seed=2)  # a second step: updated u, v
     for model in models:
         model.eval()
     assert chain.fusable(x[:5])
-    assert_same_training_results(*models, x[:5])
+    assert_same_training_results(*models, x[:5], seed=3)
 
 
-def test_chain_runs_layer_by_layer_under_hooks_and_for_series_logdets():
-    """Forward hooks (``first_nonfinite_bijection``) and non-exact log-dets see every layer."""
+def test_chain_runs_layer_by_layer_under_hooks_and_for_mixed_logdets():
+    """Forward hooks (``first_nonfinite_bijection``) and blocks whose log-dets are computed
+    differently see every layer."""
     torch.manual_seed(0)
     model = IResNet(2, num_blocks=3, hidden_features=8).eval()
     x = torch.randn(16, 2)
@@ -419,16 +468,20 @@ def test_chain_runs_layer_by_layer_under_hooks_and_for_series_logdets():
     with torch.no_grad():
         model.transform.bijections[2].net.linears[1].bias.fill_(math.nan)
     assert first_nonfinite_bijection(model, x) == "transform.bijections.2 (ResidualBlock)"
-    series = IResNet(2, num_blocks=2, hidden_features=8, logdet="series").eval()
-    assert not series.transform.fusable(x)
+    mixed = IResNet(2, num_blocks=2, hidden_features=8, logdet="series").eval()
+    assert mixed.transform.fusable(x)
+    mixed.transform.blocks[1].eval_num_terms = 7
+    assert not mixed.transform.fusable(x)
+    mixed.transform.blocks[1].logdet = "exact"
+    assert not mixed.transform.fusable(x)
 
 
 def test_chain_refuses_blocks_it_cannot_fuse():
     blocks = [ResidualBlock(LipschitzMLP(2, 8, activation=a)) for a in ("elu", "lipswish")]
     with pytest.raises(ValueError, match="share the activation"):
-        ExactResidualChain(blocks)
+        MLPResidualChain(blocks)
     with pytest.raises(ValueError, match="one ActNorm per block"):
-        ExactResidualChain(blocks[:1], [ActNorm(2), ActNorm(2)])
+        MLPResidualChain(blocks[:1], [ActNorm(2), ActNorm(2)])
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning():

@@ -10,7 +10,8 @@ eigenvalue of ``J_g`` has modulus ``< 1``):
 - series: ``log det(I + J) = tr log(I + J) = sum_{k>=1} (-1)^(k+1) tr(J^k) / k``, truncated at
   ``n`` terms (bias ``O(Lip(g)^(n+1) / (n+1))`` per dimension), each trace by Hutchinson,
   ``tr(A) = E[v^T A v]`` with ``E[v v^T] = I``, and ``v^T J^k`` by ``k`` vector-Jacobian
-  products, never materialising ``J``.
+  products (autograd's, or for MLPs ``flows.nn.mlp_jacobian``'s by hand), never materialising
+  ``J``.
 
 Gradient of the series (training): ``"backprop"`` differentiates through all ``n`` VJPs (a
 graph that grows with ``n``); ``"neumann"`` (Residual Flows, Sec. 3.2) uses
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from flows.core import Bijection
-from flows.nn.lipschitz import logdet_exact
+from flows.nn.mlp_jacobian import logdet_exact
 
 LOGDET_MODES = ("auto", "exact", "series")
 PROBES = ("gaussian", "rademacher")
@@ -147,9 +148,10 @@ class ResidualBlock(Bijection):
     power series with Hutchinson probes (``num_terms``/``num_probes`` in training,
     ``eval_num_terms``/``eval_num_probes`` in eval; more terms at evaluation make the bias
     negligible: i-ResNet App. E finds it numerically 0 at 20 terms); ``"auto"`` is exact for
-    ``D <= exact_max_features`` and series above. The series needs autograd even under
-    ``torch.no_grad()`` or ``torch.inference_mode()``: it enables grad locally and returns
-    detached tensors then.
+    ``D <= exact_max_features`` and series above. Nets with ``forward_with_series_logdet``
+    (``LipschitzMLP``) give the series from hand-written Jacobian products, all probes on one
+    evaluation of ``g``; for any other net it takes autograd VJPs, which it runs even under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (grad enabled locally, detached results).
 
     Args:
         net: ``g``, e.g. a ``LipschitzMLP``; ``Lip(g) < 1`` is the caller's guarantee.
@@ -235,10 +237,20 @@ class ResidualBlock(Bijection):
             return self.net.forward_with_jacobian(x)
         return dense_jacobian(self.net, x)
 
+    def series_settings(self) -> tuple[int, int]:
+        """``(terms, probes)`` of the power series in the current (training or eval) mode."""
+        if self.training:
+            return self.num_terms, self.num_probes
+        return self.eval_num_terms, self.eval_num_probes
+
     def _forward_series(self, x: Tensor) -> tuple[Tensor, Tensor]:
         caller_grad = torch.is_grad_enabled()
-        num_terms = self.num_terms if self.training else self.eval_num_terms
-        num_probes = self.num_probes if self.training else self.eval_num_probes
+        num_terms, num_probes = self.series_settings()
+        if hasattr(self.net, "forward_with_series_logdet"):  # hand-written Jacobian products
+            probes = sample_probes(x.new_empty(num_probes, *x.shape), self.probe)
+            gx, samples = self.net.forward_with_series_logdet(
+                x, probes, num_terms, caller_grad, self.series_gradient)
+            return x + gx, samples.mean(0)
         # The VJPs need autograd even under no_grad or inference_mode (Lightning's default
         # for validation); an inference tensor must be cloned to enter a graph.
         with torch.inference_mode(False), torch.enable_grad():

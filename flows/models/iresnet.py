@@ -8,7 +8,7 @@ from flows.bijections.elementwise import Logit
 from flows.bijections.normalization import ActNorm
 from flows.bijections.reshape import FactorOut, Squeeze, squeezed_shape
 from flows.bijections.residual import ResidualBlock
-from flows.bijections.residual_chain import ExactResidualChain
+from flows.bijections.residual_chain import MLPResidualChain
 from flows.core import Bijection, Compose, Inverse, NormalizingFlow
 from flows.distributions import StandardNormal
 from flows.models.multiscale import image_shape
@@ -47,11 +47,11 @@ class IResNet(NormalizingFlow):
         inverse_atol: absolute tolerance of each block's fixed-point inverse.
         inverse_rtol: relative tolerance of each block's fixed-point inverse.
         inverse_max_iterations: iteration cap of each block's fixed-point inverse.
-        compile: run the exact forward through ``torch.compile``, ``blocks_per_call`` blocks
-            (with their ActNorms) per compiled call (``ExactResidualChain``; the 32-block 2-D
-            default: 32 ms per training step against 48 ms eagerly on 2 CPU threads; eager
-            with a warning if compiling fails).
-        blocks_per_call: blocks per fused call of the exact forward.
+        compile: run the forward (exact or power series) through ``torch.compile``,
+            ``blocks_per_call`` blocks (with their ActNorms) per compiled call
+            (``MLPResidualChain``; the 32-block 2-D default: 32 ms per training step against
+            48 ms eagerly on 2 CPU threads; eager with a warning if compiling fails).
+        blocks_per_call: blocks per fused call of the forward.
 
     References:
         Behrmann et al., Invertible Residual Networks (2019), https://arxiv.org/abs/1811.00995
@@ -98,7 +98,7 @@ class IResNet(NormalizingFlow):
             for _ in range(num_blocks)
         ]
         actnorms = [ActNorm(features) for _ in range(num_blocks)] if actnorm else None
-        super().__init__(ExactResidualChain(blocks, actnorms, blocks_per_call, compile),
+        super().__init__(MLPResidualChain(blocks, actnorms, blocks_per_call, compile),
                          StandardNormal((features,)))
 
 

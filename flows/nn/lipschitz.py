@@ -16,9 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from flows.nn.activations import ACTIVATIONS
+from flows.nn.mlp_jacobian import (
+    logdet_exact,
+    mlp_logdet_series,
+    mlp_with_jacobian,
+    mlp_with_slopes,
+)
 
 
 def _check_coeff(coeff: float) -> None:
@@ -274,57 +281,6 @@ def power_iterate_(
             for name, p, weight in _spectral_parametrizations(module)}
 
 
-class ELU(nn.Module):
-    """``elu(h) = h if h > 0 else exp(h) - 1``, 1-Lipschitz; ``elu'(h) = min(1, elu(h) + 1)``."""
-
-    def forward(self, h: Tensor) -> Tensor:
-        return F.elu(h)
-
-    def forward_with_derivative(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return elu_with_derivative(h)
-
-
-def elu_with_derivative(h: Tensor) -> tuple[Tensor, Tensor]:
-    """``(elu(h), elu'(h))``: for h <= 0, ``elu(h) + 1 = exp(h) <= 1``; for h > 0 it is 1."""
-    out = F.elu(h)
-    return out, torch.clamp(out + 1.0, max=1.0)
-
-
-class LipSwish(nn.Module):
-    """``f(h) = h * sigmoid(beta h) / 1.1`` with learnable ``beta = softplus(raw) > 0``.
-
-    ``max_h |d/dh h sigmoid(beta h)| ~= 1.0998`` for every ``beta``, so dividing by 1.1 makes
-    ``f`` 1-Lipschitz. ``f'(h) = s (1 + beta h (1 - s)) / 1.1`` with ``s = sigmoid(beta h)``.
-    ``raw`` starts at 0.5 (``beta ~= 0.97``), as in Residual Flows.
-
-    References:
-        Chen et al., Residual Flows (2019), https://arxiv.org/abs/1906.02735
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.raw_beta = nn.Parameter(torch.tensor(0.5))
-
-    def forward(self, h: Tensor) -> Tensor:
-        return h * torch.sigmoid(F.softplus(self.raw_beta) * h) / 1.1
-
-    def forward_with_derivative(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return lipswish_with_derivative(h, self.raw_beta)
-
-
-def lipswish_with_derivative(h: Tensor, raw_beta: Tensor) -> tuple[Tensor, Tensor]:
-    """``(f(h), f'(h))`` of ``LipSwish`` sharing ``s = sigmoid(beta h)``, in 6 elementwise ops."""
-    bh = F.softplus(raw_beta) * h
-    s = torch.sigmoid(bh)
-    s_scaled = s / 1.1
-    # f' = (s / 1.1) (1 + u) with u = bh (1 - s) = bh - bh s.
-    u = torch.addcmul(bh, bh, s, value=-1.0)
-    return h * s_scaled, torch.addcmul(s_scaled, s_scaled, u)
-
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {"elu": ELU, "lipswish": LipSwish}
-
-
 class LipschitzMLP(nn.Module):
     """``g(x) = W_L act(... act(W_1 x + b_1) ...) + b_L`` with ``Lip(g) <= c^L < 1``.
 
@@ -387,16 +343,28 @@ class LipschitzMLP(nn.Module):
         """``(g(x), log|det(I + J_g(x))|)``, shapes ``(B, D)`` and ``(B,)``: exact.
 
         The residual block's whole forward as one pure function, ``residual_exact`` on
-        ``exact_arguments()``: the spectral normalisation of every weight (with its
+        ``functional_arguments()``: the spectral normalisation of every weight (with its
         power-iteration step in training mode), ``mlp_with_jacobian`` and ``logdet_exact``;
         then ``store_vectors`` keeps the updated power-iteration vectors.
         """
-        gx, logdet, us, vs = residual_exact(x, *self.exact_arguments())
+        gx, logdet, us, vs = residual_exact(x, *self.functional_arguments())
         self.store_vectors(us, vs)
         return gx, logdet
 
-    def exact_arguments(self) -> tuple:
-        """The arguments of ``residual_exact`` after ``x``, read from this module's state.
+    def forward_with_series_logdet(
+        self, x: Tensor, probes: Tensor, num_terms: int, create_graph: bool, gradient: str,
+    ) -> tuple[Tensor, Tensor]:
+        """``g(x)`` ``(B, D)`` and the power-series log-det samples ``(P, B)`` for ``probes``
+        ``(P, B, D)``: ``residual_series`` on ``functional_arguments()`` (see
+        ``flows.nn.mlp_jacobian.mlp_logdet_series`` for ``create_graph`` and ``gradient``)."""
+        gx, samples, us, vs = residual_series(x, probes, num_terms, create_graph, gradient,
+                                              *self.functional_arguments())
+        self.store_vectors(us, vs)
+        return gx, samples
+
+    def functional_arguments(self) -> tuple:
+        """The arguments of ``residual_exact`` after ``x`` (and of ``residual_series`` after
+        ``gradient``), read from this module's state.
 
         Refreshes every ``SpectralNormalization`` first (a stale one converges in eval mode)
         and, in training mode with ``n_power_iterations > 1``, runs the extra power steps.
@@ -428,45 +396,6 @@ class LipschitzMLP(nn.Module):
         return [act.raw_beta for act in self.activations] if self.activation == "lipswish" else []
 
 
-def mlp_with_jacobian(
-    x: Tensor, weights: list[Tensor], biases: list[Tensor], activation: str,
-    activation_params: list[Tensor],
-) -> tuple[Tensor, Tensor]:
-    """``(g(x), J_g(x))`` of ``g = W_L act(... act(W_1 x + b_1) ...) + b_L``, ``J`` ``(B, D, D)``.
-
-    Forward mode by hand: the tangents ``T[j, b] = d h_b / d x_j``, laid out ``(D, B, H)`` so
-    that per-sample factors broadcast over the leading dim, start as the columns of ``W_1``
-    after the first linear, then ``T <- T W^T`` through linears and ``T <- T * act'(h)``
-    through activations. Exact, differentiable by autograd, and in 2-D about three times
-    the cost of ``g`` alone. ``activation_params``: LipSwish's ``raw_beta`` per hidden layer.
-    """
-    h = F.linear(x, weights[0], biases[0])
-    tangent = weights[0].t().contiguous().unsqueeze(1)  # (D, 1, H): d h / d x_j = W_1[:, j]
-    for layer, (weight, bias) in enumerate(zip(weights[1:], biases[1:], strict=True)):
-        if activation == "elu":
-            h, slope = elu_with_derivative(h)
-        else:
-            h, slope = lipswish_with_derivative(h, activation_params[layer])
-        tangent = tangent * slope
-        h = F.linear(h, weight, bias)
-        tangent = torch.matmul(tangent, weight.t())
-    if tangent.shape[1] != x.shape[0]:  # no hidden layer: J = W_1 for every sample
-        tangent = tangent.expand(-1, x.shape[0], -1)
-    return h, tangent.permute(1, 2, 0)
-
-
-def logdet_exact(jac: Tensor) -> Tensor:
-    """``log|det(I + J)|`` for ``J`` of shape ``(B, D, D)``; closed forms for ``D <= 2``."""
-    features = jac.shape[-1]
-    if features == 1:
-        return torch.log(torch.abs(1.0 + jac[:, 0, 0]))
-    if features == 2:
-        a, b, c, d = jac.flatten(1).unbind(1)
-        return torch.log(torch.abs((1.0 + a) * (1.0 + d) - b * c))
-    eye = torch.eye(features, dtype=jac.dtype, device=jac.device)
-    return torch.linalg.slogdet(eye + jac).logabsdet
-
-
 def residual_exact(
     x: Tensor, weights: list[Tensor], biases: list[Tensor], us: list[Tensor], vs: list[Tensor],
     activation_params: list[Tensor], activation: str, coeff: float, eps: float, update: bool,
@@ -480,3 +409,22 @@ def residual_exact(
                                 activation_params)
     return gx, logdet_exact(jac), [n[1] for n in normalized], [n[2] for n in normalized]
 
+
+
+def residual_series(
+    x: Tensor, probes: Tensor, num_terms: int, create_graph: bool, gradient: str,
+    weights: list[Tensor], biases: list[Tensor], us: list[Tensor], vs: list[Tensor],
+    activation_params: list[Tensor], activation: str, coeff: float, eps: float, update: bool,
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """``(g(x), power-series log-det samples (P, B), u's, v's)`` from the raw weights, pure.
+
+    ``probes`` ``(P, B, D)``; ``mlp_logdet_series`` gives the samples.
+    """
+    normalized = [
+        spectral_normalize(weight, u, v, coeff, eps, update)
+        for weight, u, v in zip(weights, us, vs, strict=True)
+    ]
+    weights = [n[0] for n in normalized]
+    gx, slopes = mlp_with_slopes(x, weights, biases, activation, activation_params)
+    samples = mlp_logdet_series(probes, weights, slopes, num_terms, create_graph, gradient)
+    return gx, samples, [n[1] for n in normalized], [n[2] for n in normalized]

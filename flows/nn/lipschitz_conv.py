@@ -21,12 +21,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from flows.nn.lipschitz import (
-    ACTIVATIONS,
-    SpectralNormalization,
-    _check_coeff,
-    top_singular_value,
-)
+from flows.nn.activations import ACTIVATIONS
+from flows.nn.lipschitz import SpectralNormalization, _check_coeff, top_singular_value
 
 
 class ConvSpectralNormalization(SpectralNormalization):
