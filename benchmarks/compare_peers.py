@@ -276,13 +276,38 @@ def budget_cell(runs: dict) -> str:
     return cell
 
 
+def machine_stamp(threads: int) -> dict:
+    """The date, the CPU model and its measured float32 matmul rate (2048^3, ``threads``)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 1.0:
+        a @ b
+        count += 1
+    gflops = 2 * 2048**3 * count / (time.perf_counter() - start) / 1e9
+    return {"date": str(date.today()), "cpu": cpu, "threads": threads, "matmul_gflops": gflops}
+
+
+def machine_line(report: dict, key: str) -> list[str]:
+    """The line under a section's heading that says when and on what it was measured."""
+    stamp = report.get("machines", {}).get(key)
+    if stamp is None:
+        return ["Machine not recorded (measured before machines were recorded per section).", ""]
+    return [f"Measured {stamp['date']} on {stamp['cpu']}, {stamp['threads']} torch threads, "
+            f"float32 matmul {stamp['matmul_gflops']:.0f} GFLOP/s (2048^3).", ""]
+
+
 def write_markdown(report: dict, args: argparse.Namespace) -> None:
     lines = [f"# flows against peer libraries ({date.today()})", "",
-             f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}; "
-             f"`python benchmarks/compare_peers.py` (sections as below; the method is in the "
-             f"script's docstring).", ""]
+             f"torch {torch.__version__}; `python benchmarks/compare_peers.py` (sections as "
+             f"below; the method is in the script's docstring). Compare ratios within a table: "
+             f"tables measured on different machines differ in absolute times.", ""]
     for case, rows in report.get("steps", {}).items():
-        lines += [f"## Step time: {case}", "", "| library | ms/step | ratio to flows | "
+        lines += [f"## Step time: {case}", "", *machine_line(report, f"steps/{case}"),
+                  "| library | ms/step | ratio to flows | "
                   "peak memory added (MiB) | note |", "|---|---|---|---|---|"]
         memory = report.get("memory", {}).get(case, {})
         for r in rows:
@@ -294,6 +319,7 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
     if sweep:
         terms = list(next(iter(sweep.values())))
         lines += ["## Peak memory added by the i-ResNet 2-D series (MiB) against its terms", "",
+                  *machine_line(report, "memory"),
                   "| gradient | " + " | ".join(f"{n} terms" for n in terms) + " |",
                   "|---|" + "---|" * len(terms)]
         lines += [f"| {g} | " + " | ".join(f"{v:.0f}" for v in row.values()) + " |"
@@ -303,6 +329,7 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
     if budget:
         lines += [f"## Test NLL (nats) after {budget['budget_s']:.0f} s of training, mean over "
                   f"seeds {budget['seeds']} (steps in brackets)", "",
+                  *machine_line(report, "budget"),
                   "| case | library | " + " | ".join(TOY_SETS) + " |",
                   "|---|---|" + "---|" * len(TOY_SETS)]
         for case, models in budget["nll"].items():
@@ -313,7 +340,8 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
     sampling = report.get("sampling")
     if sampling:
         lines += [f"## Sampling at temperature 1 after {sampling['train_s']:.0f} s of training",
-                  "", "| case | library | samples/s | fixed-point iterations (all blocks) | "
+                  "", *machine_line(report, "sampling"),
+                  "| case | library | samples/s | fixed-point iterations (all blocks) | "
                   "max abs(f(f^-1(z)) - z) |", "|---|---|---|---|---|"]
         for case, rows in sampling["rates"].items():
             for name, r in rows.items():
@@ -346,6 +374,7 @@ def main() -> None:
     path = RESULTS / "compare_peers.json"
     report = json.loads(path.read_text()) if path.exists() else {}
     RESULTS.mkdir(exist_ok=True)
+    stamp = machine_stamp(args.threads)
     for section in args.sections:
         if section == "steps":
             report["steps"] = report.get("steps", {}) | {
@@ -358,6 +387,8 @@ def main() -> None:
         else:
             report["sampling"] = {"train_s": args.sampling_train_s,
                                   "rates": sampling_section(args.sampling_train_s)}
+        keys = [f"steps/{case}" for case in args.cases] if section == "steps" else [section]
+        report.setdefault("machines", {}).update(dict.fromkeys(keys, stamp))
         path.write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(report, args)
 

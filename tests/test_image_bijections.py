@@ -203,6 +203,28 @@ def test_resnet_conditioner_starts_at_zero():
     assert isinstance(net[-1], nn.Conv2d)
 
 
+def test_resnet_conditioner_channels_last_computes_the_same_function():
+    """NHWC inside, default layout out: values and every gradient match the NCHW network."""
+    torch.manual_seed(0)
+    reference = ConvResNet(3, 6, 8, 1, channels_last=False).double()
+    for param in reference.parameters():
+        nn.init.normal_(param, std=0.3)  # not the zero-initialised output: the check has power
+    net = ConvResNet(3, 6, 8, 1).double()
+    net.load_state_dict(reference.state_dict())
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for module in (reference, net):
+        out = module(x)
+        assert out.is_contiguous()
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, *module.parameters()])))
+    (out, grads), (out_ref, grads_ref) = results[1], results[0]
+    assert out.abs().max() > 0.1
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_loading_weights_makes_eval_converge_again():
     torch.manual_seed(0)
     shape = (2, 4, 4)
