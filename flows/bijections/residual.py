@@ -243,13 +243,16 @@ class ResidualBlock(Bijection):
             return self.num_terms, self.num_probes
         return self.eval_num_terms, self.eval_num_probes
 
+    def draw_probes(self, x: Tensor) -> Tensor:
+        """Hutchinson probes ``(P, *x.shape)`` for ``x``, ``P`` of the current mode."""
+        return sample_probes(x.new_empty(self.series_settings()[1], *x.shape), self.probe)
+
     def _forward_series(self, x: Tensor) -> tuple[Tensor, Tensor]:
         caller_grad = torch.is_grad_enabled()
         num_terms, num_probes = self.series_settings()
         if hasattr(self.net, "forward_with_series_logdet"):  # hand-written Jacobian products
-            probes = sample_probes(x.new_empty(num_probes, *x.shape), self.probe)
             gx, samples = self.net.forward_with_series_logdet(
-                x, probes, num_terms, caller_grad, self.series_gradient)
+                x, self.draw_probes(x), num_terms, caller_grad, self.series_gradient)
             return x + gx, samples.mean(0)
         # The VJPs need autograd even under no_grad or inference_mode (Lightning's default
         # for validation); an inference tensor must be cloned to enter a graph.

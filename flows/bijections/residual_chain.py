@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from flows.bijections.normalization import ActNorm, actnorm
-from flows.bijections.residual import ResidualBlock, sample_probes
+from flows.bijections.residual import ResidualBlock
 from flows.core import Compose
 from flows.nn.compile import CompiledOrEager
 from flows.nn.lipschitz import LipschitzMLP, residual_exact, residual_series
@@ -81,19 +81,18 @@ class MLPResidualChain(Compose):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if not self.fusable(x):
             return super().forward(x)
-        route = self.logdet_route(self.blocks[0], x)
+        first = self.blocks[0]
         series = None
-        if route[0] == "series":
-            _, num_terms, num_probes, probe, gradient = route
-            series = (num_terms, torch.is_grad_enabled(), gradient)
+        if not first.uses_exact(x):
+            series = (first.series_settings()[0], torch.is_grad_enabled(), first.series_gradient)
         logdet = x.new_zeros(x.shape[0])
         for start in range(0, len(self.blocks), self.blocks_per_call):
-            nets = [block.net for block in self.blocks[start:start + self.blocks_per_call]]
+            group = self.blocks[start:start + self.blocks_per_call]
+            nets = [block.net for block in group]
             arguments = [net.functional_arguments() for net in nets]
             norms = [(norm.shift, norm.log_scale)
                      for norm in self.actnorms[start:start + self.blocks_per_call]]
-            probes = None if series is None else [
-                sample_probes(x.new_empty(num_probes, *x.shape), probe) for _ in nets]
+            probes = None if series is None else [block.draw_probes(x) for block in group]
             x, group_logdet, us, vs = self.function(
                 x, [args[:5] for args in arguments], norms, probes, series, *arguments[0][5:])
             logdet = logdet + group_logdet

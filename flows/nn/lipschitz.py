@@ -401,14 +401,9 @@ def residual_exact(
     activation_params: list[Tensor], activation: str, coeff: float, eps: float, update: bool,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
     """``(g(x), log|det(I + J_g(x))|, u's, v's)`` from the raw weights, pure (no state)."""
-    normalized = [
-        spectral_normalize(weight, u, v, coeff, eps, update)
-        for weight, u, v in zip(weights, us, vs, strict=True)
-    ]
-    gx, jac = mlp_with_jacobian(x, [n[0] for n in normalized], biases, activation,
-                                activation_params)
-    return gx, logdet_exact(jac), [n[1] for n in normalized], [n[2] for n in normalized]
-
+    weights, us, vs = _spectral_normalize_all(weights, us, vs, coeff, eps, update)
+    gx, jac = mlp_with_jacobian(x, weights, biases, activation, activation_params)
+    return gx, logdet_exact(jac), us, vs
 
 
 def residual_series(
@@ -420,11 +415,17 @@ def residual_series(
 
     ``probes`` ``(P, B, D)``; ``mlp_logdet_series`` gives the samples.
     """
-    normalized = [
-        spectral_normalize(weight, u, v, coeff, eps, update)
-        for weight, u, v in zip(weights, us, vs, strict=True)
-    ]
-    weights = [n[0] for n in normalized]
+    weights, us, vs = _spectral_normalize_all(weights, us, vs, coeff, eps, update)
     gx, slopes = mlp_with_slopes(x, weights, biases, activation, activation_params)
     samples = mlp_logdet_series(probes, weights, slopes, num_terms, create_graph, gradient)
-    return gx, samples, [n[1] for n in normalized], [n[2] for n in normalized]
+    return gx, samples, us, vs
+
+
+def _spectral_normalize_all(
+    weights: list[Tensor], us: list[Tensor], vs: list[Tensor], coeff: float, eps: float,
+    update: bool,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """``spectral_normalize`` of every weight: the normalised weights, ``u'``'s and ``v'``'s."""
+    normalized = [spectral_normalize(weight, u, v, coeff, eps, update)
+                  for weight, u, v in zip(weights, us, vs, strict=True)]
+    return [n[0] for n in normalized], [n[1] for n in normalized], [n[2] for n in normalized]
