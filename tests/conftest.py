@@ -1,9 +1,9 @@
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,9 +16,24 @@ def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture
-def cli():
-    return run_cli
+def run_cli_batch(commands: list[tuple[str, list[str], Path]], scratch: Path,
+                  ) -> list[subprocess.CompletedProcess]:
+    """Run each ``python -m <module> <args>`` from its ``cwd`` as ``tests/cli_batch.py`` does:
+    in a fork of one interpreter that imported torch, Lightning and Hydra once. Each result
+    holds the command's exit code and stderr (stdout is not kept)."""
+    spec = [{"module": module, "args": list(args), "cwd": str(cwd),
+             "stderr": str(scratch / f"stderr_{i}.txt")}
+            for i, (module, args, cwd) in enumerate(commands)]
+    (scratch / "commands.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    batch = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py"),
+                            str(scratch / "commands.json")], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    codes = json.loads(batch.stdout.splitlines()[-1])
+    return [subprocess.CompletedProcess([module, *args], code, "",
+                                        Path(command["stderr"]).read_text())
+            for (module, args, _), code, command in zip(commands, codes, spec, strict=True)]
 
 
 def fake_run_folder(root: Path, config: str, checkpoint: object) -> Path:

@@ -12,22 +12,27 @@ import torch
 class CompiledOrEager:
     """Calls ``torch.compile(fn, dynamic=True)``; falls back to ``fn`` if compiling fails.
 
-    ``dynamic=True`` gives one graph for every batch size. Compilation happens at the first
-    call (seconds on a CPU; inductor caches the result on disk for later processes). If it
+    ``dynamic=True`` gives one graph for every batch size. ``torch.compile`` itself (and the
+    import of its compiler stack, seconds) waits for the first call, so importing a module that
+    defines one costs nothing. Compilation happens at the first call (seconds on a CPU; inductor
+    caches the result on disk for later processes). If it
     raises (no C++ compiler, an unsupported platform or op), a ``RuntimeWarning`` says why and
     every later call runs ``fn`` eagerly, with the same results.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=True)
+        self.compiled: Callable[..., Any] | None = None
+        self.failed = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None:
+        if not self.failed:
             try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=True)
                 return self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - any compiler failure: run eagerly
-                self.compiled = None
+                self.failed = True
                 warnings.warn(
                     f"torch.compile failed for {self.fn.__qualname__} "
                     f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); running it "
