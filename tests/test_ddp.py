@@ -14,7 +14,7 @@ from tests.conftest import run_cli
 def fit(folder, devices, batch_size):
     folder.mkdir()
     result = run_cli("tests.ddp_fit", str(folder), str(devices), str(batch_size),
-                     cwd=folder)
+                     cwd=folder, fresh=True)  # Lightning's launcher re-runs the command
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -43,7 +43,7 @@ def test_ddp_command_line_writes_one_run_folder_from_rank_zero(tmp_path):
                      "trainer.devices=2", "trainer.max_steps=10", "data.num_train=4096",
                      "data.num_val=512", "data.num_test=1000", "data.batch_size=128",
                      "callbacks.plots.grid_points=20", "callbacks.plots.num_samples=100",
-                     "name=ddp", "trainer.enable_progress_bar=false", cwd=tmp_path)
+                     "name=ddp", "trainer.enable_progress_bar=false", fresh=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs").rglob("results.json"))
     assert [r.parent.name for r in runs] == ["ddp"]  # no folder from the second process

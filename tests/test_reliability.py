@@ -20,7 +20,7 @@ from flows.lit.module import DensityModule
 from flows.models.iresnet import IResNet
 from flows.models.realnvp import RealNVP
 from flows.nn.lipschitz import power_iterate_
-from tests.conftest import ROOT, fake_run_folder, run_cli, run_cli_batch
+from tests.conftest import ROOT, fake_run_folder, run_cli
 from tests.test_module import BreaksAfter, small_toy, trainer
 
 # NaN and inf ---------------------------------------------------------------------------------
@@ -117,9 +117,8 @@ def test_malicious_checkpoint_does_not_execute(tmp_path):
     run = fake_run_folder(tmp_path, "model:\n  _target_: flows.models.realnvp.RealNVP\n"
                                     "  features: 2\n", {"state_dict": _Payload()})
     Path("/tmp/flows-pwned").unlink(missing_ok=True)
-    commands = [(command, [f"ckpt={run}"], tmp_path)
-                for command in ("flows.evaluate", "flows.sample")]
-    for result in run_cli_batch(commands, tmp_path):
+    for command in ("flows.evaluate", "flows.sample"):
+        result = run_cli(command, f"ckpt={run}", cwd=tmp_path)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert "truncated, corrupt or not a flows checkpoint" in result.stderr
     assert not Path("/tmp/flows-pwned").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import fake_run_folder, run_cli, run_cli_batch
+from tests.conftest import fake_run_folder, run_cli
 
 FAST = ["trainer.max_steps=30", "data.num_train=4096", "data.num_val=1024",
         "data.num_test=2048", "data.batch_size=256", "callbacks.plots.every_n_epochs=1",
@@ -99,66 +99,51 @@ BAD_INPUT = [
 ]
 
 
-def _bad_input_command(case: int, cwd):
-    """``(overrides, expected)`` of ``BAD_INPUT[case]`` as arguments to run from ``cwd``
-    (writing the data file or the blocking ``outputs`` file the case needs)."""
-    overrides, expected = BAD_INPUT[case]
+@pytest.mark.parametrize(("overrides", "expected"), BAD_INPUT)
+def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expected, tmp_path):
     fast = FAST
     if overrides in ("nan-data", "inf-data", "3d-data"):
         bad = {"nan-data": np.nan, "inf-data": -np.inf, "3d-data": None}[overrides]
-        overrides = _file_data(cwd, dims=3 if overrides == "3d-data" else 2, bad=bad)
+        overrides = _file_data(tmp_path, dims=3 if overrides == "3d-data" else 2, bad=bad)
         fast = [o for o in FAST if not o.startswith("data.")]
     if overrides == "unwritable":  # ./outputs is a file: no run folder can be made in it
-        (cwd / "outputs").write_text("")
+        (tmp_path / "outputs").write_text("")
         overrides = []
-    return [*fast, *overrides]
-
-
-def _listing(cwd):
-    return sorted(p.name for p in cwd.iterdir() if p.name != "outputs")
-
-
-@pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory):
-    """Every ``BAD_INPUT`` command, run once: ``(result, cwd, files before)`` per case."""
-    folders = [tmp_path_factory.mktemp(f"bad_input_{i}") for i in range(len(BAD_INPUT))]
-    commands = [("flows.train", _bad_input_command(i, cwd), cwd) for i, cwd in enumerate(folders)]
-    before = [_listing(cwd) for cwd in folders]
-    results = run_cli_batch(commands, tmp_path_factory.mktemp("bad_input_batch"))
-    return list(zip(results, folders, before, strict=True))
-
-
-@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[e for _, e in BAD_INPUT])
-def test_bad_input_fails_in_one_clear_line_and_writes_nothing(case, bad_input_runs):
-    result, cwd, before = bad_input_runs[case]
+    before = sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs")
+    result = run_cli("flows.train", *fast, *overrides, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert BAD_INPUT[case][1] in result.stderr, result.stderr[-2000:]
-    leftovers = [p for p in (cwd / "outputs").rglob("*") if p.is_file()] \
-        if (cwd / "outputs").exists() else []
+    assert expected in result.stderr, result.stderr[-2000:]
+    leftovers = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()] \
+        if (tmp_path / "outputs").exists() else []
     assert leftovers == [], leftovers
-    assert _listing(cwd) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs") == before
 
 
-def test_batched_commands_fail_as_a_fresh_interpreter_does(bad_input_runs, tmp_path):
-    """The batch runner (forks of one warm interpreter) against a real ``python -m``: the
-    same exit code and the same stderr for a bad override and for a bad data file."""
+def test_warm_interpreter_reports_as_a_fresh_one(tmp_path):
+    """``run_cli`` forks a warm interpreter; a new ``python -m`` must give the same exit code,
+    stderr and files, for a refused override and for refused data."""
     for case in (4, 8):
-        cwd = tmp_path / str(case)
-        cwd.mkdir()
-        alone = run_cli("flows.train", *_bad_input_command(case, cwd), cwd=cwd)
-        batched, batched_cwd, _ = bad_input_runs[case]
-        assert alone.returncode == batched.returncode == 1
-        assert alone.stderr.replace(str(cwd), "<cwd>") == \
-            batched.stderr.replace(str(batched_cwd), "<cwd>")
+        runs = {}
+        for fresh in (False, True):
+            cwd = tmp_path / f"{case}-{fresh}"
+            cwd.mkdir()
+            overrides, fast = BAD_INPUT[case][0], FAST
+            if overrides == "nan-data":
+                overrides = _file_data(cwd, bad=np.nan)
+                fast = [o for o in FAST if not o.startswith("data.")]
+            result = run_cli("flows.train", *fast, *overrides, cwd=cwd, fresh=fresh)
+            files = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+            runs[fresh] = (result.returncode, result.stderr.replace(str(cwd), "<cwd>"), files)
+        assert runs[False] == runs[True]
+        assert runs[True][0] == 1 and BAD_INPUT[case][1] in runs[True][1]
 
 
-def test_missing_checkpoint_is_one_line(tmp_path):
-    commands = [(command, [f"ckpt={tmp_path / 'nope.ckpt'}"], tmp_path)
-                for command in ("flows.evaluate", "flows.sample")]
-    for result in run_cli_batch(commands, tmp_path):
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert "nope.ckpt does not exist" in result.stderr
+@pytest.mark.parametrize("command", ["flows.evaluate", "flows.sample"])
+def test_missing_checkpoint_is_one_line(command, tmp_path):
+    result = run_cli(command, f"ckpt={tmp_path / 'nope.ckpt'}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
 
 
 def test_truncated_checkpoint_is_refused(trained_run, tmp_path):

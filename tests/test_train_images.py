@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flows.lit.callbacks import ImageSamples
-from tests.conftest import run_cli, run_cli_batch
+from tests.conftest import run_cli
 
 FAST = ["data=digits", "trainer.max_steps=20", "trainer.val_check_interval=10",
         "trainer.log_every_n_steps=5",
@@ -117,32 +117,17 @@ BAD_IMAGE_INPUT = [
 ]
 
 
-def _bad_image_command(overrides, cwd):
+@pytest.mark.parametrize(("overrides", "expected"), BAD_IMAGE_INPUT)
+def test_bad_image_input_fails_in_one_line(overrides, expected, tmp_path):
     other_data = any(o.startswith("data=") for o in overrides)
     fast = [o for o in FAST if not (other_data and o.startswith("data="))]
     if "data=moons" in overrides:
         fast = [o for o in fast if "image_samples" not in o]
     if "data=mnist" in overrides:
-        fast.append(f"data.root={cwd / 'none'}")
-    return ("flows.train", [*fast, *overrides], cwd)
-
-
-@pytest.fixture(scope="module")
-def bad_image_runs(tmp_path_factory):
-    """Every ``BAD_IMAGE_INPUT`` command, run once: ``(result, cwd)`` per case."""
-    folders = [tmp_path_factory.mktemp(f"bad_image_{i}") for i in range(len(BAD_IMAGE_INPUT))]
-    commands = [_bad_image_command(overrides, cwd)
-                for (overrides, _), cwd in zip(BAD_IMAGE_INPUT, folders, strict=True)]
-    results = run_cli_batch(commands, tmp_path_factory.mktemp("bad_image_batch"))
-    return list(zip(results, folders, strict=True))
-
-
-@pytest.mark.parametrize("case", range(len(BAD_IMAGE_INPUT)),
-                         ids=[e for _, e in BAD_IMAGE_INPUT])
-def test_bad_image_input_fails_in_one_line(case, bad_image_runs):
-    result, cwd = bad_image_runs[case]
+        fast.append(f"data.root={tmp_path / 'none'}")
+    result = run_cli("flows.train", *fast, *overrides, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert BAD_IMAGE_INPUT[case][1] in result.stderr, result.stderr[-2000:]
-    outputs = cwd / "outputs"
+    assert expected in result.stderr, result.stderr[-2000:]
+    outputs = tmp_path / "outputs"
     assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))
