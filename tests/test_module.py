@@ -69,6 +69,30 @@ def test_test_nll_and_standard_error_match_direct_computation(tmp_path):
         nll.std().item() / math.sqrt(1024), rel=1e-6)
 
 
+class ValidationSteps(L.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_validation_end(self, trainer, module):
+        self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(("max_steps", "interval", "validated"),
+                         [(12, 5, [5, 10, 12]), (10, 5, [5, 10]), (3, None, [3])])
+def test_the_last_step_is_always_validated(tmp_path, max_steps, interval, validated):
+    """Every ``interval`` steps (or every 8-batch epoch), and at ``max_steps`` once."""
+    flow = NormalizingFlow(ActNorm(2), StandardNormal((2,)))
+    module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=1e-2))
+    seen = ValidationSteps()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/nll", save_top_k=-1,
+                                  filename="{step}")
+    epochs = {"check_val_every_n_epoch": None} if interval else {}
+    trainer(tmp_path, max_steps=max_steps, val_check_interval=interval, num_sanity_val_steps=0,
+            callbacks=[seen, checkpoints], **epochs).fit(module, small_toy())
+    assert seen.steps == validated
+    assert f"step={max_steps}.ckpt" in {p.name for p in (tmp_path / "ckpt").iterdir()}
+
+
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_gradient_clipping_bounds_the_step(tmp_path, algorithm):
     """One SGD step with lr 1 moves the parameters by exactly the clipped gradient."""

@@ -40,6 +40,9 @@ class DensityModule(L.LightningModule):
     NaNs into the weights; with ``"skip"`` the batch is skipped (no update) and counted in
     ``skipped_steps`` (logged as ``train/skipped_steps``).
 
+    The last step (``trainer.max_steps``) is always followed by a validation, wherever it
+    falls between ``val_check_interval`` steps or epoch ends.
+
     Every training step first reseeds torch's global generator from ``(seed, step, rank)``
     (``step_seed``), so the randomness drawn inside a step (Hutchinson probes, noise) is the
     same whether or not the run was interrupted and resumed there.
@@ -73,6 +76,14 @@ class DensityModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
+
+    def on_train_batch_end(self, outputs: object, batch: Tensor, batch_idx: int) -> None:
+        # Lightning validates every val_check_interval steps or at epoch ends, so a max_steps
+        # between them would leave the final weights unvalidated and never a candidate for
+        # the best checkpoint (what testing uses). Asking it to stop at the last step makes
+        # it validate there.
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
         loss = -self.flow.log_prob(batch).mean()
