@@ -14,10 +14,10 @@ class CompiledOrEager:
 
     ``dynamic=True`` gives one graph for every batch size. ``torch.compile`` itself (and the
     import of its compiler stack, seconds) waits for the first call, so importing a module that
-    defines one costs nothing. Compilation happens at the first call (seconds on a CPU; inductor
-    caches the result on disk for later processes). If it
-    raises (no C++ compiler, an unsupported platform or op), a ``RuntimeWarning`` says why and
-    every later call runs ``fn`` eagerly, with the same results.
+    defines one costs nothing. Compilation happens at the first call (seconds on a CPU;
+    inductor caches the result on disk for later processes). If it raises (no C++ compiler, an
+    unsupported platform or op), a ``RuntimeWarning`` says why and every later call runs ``fn``
+    eagerly, with the same results.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
