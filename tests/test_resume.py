@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import CLI_ENV, run_cli
 
 # A small i-ResNet with the Hutchinson series log-det: training draws random probes every
 # step, and the spectral norms keep power-iteration buffers: both must survive a restart.
@@ -40,9 +39,8 @@ def last_step(run_dir):
 def start_and_kill_mid_epoch(cwd, name, min_step=60):
     """Start a run and SIGKILL it once last.ckpt is past ``min_step`` and mid-epoch."""
     run_dir = cwd / "outputs" / "iresnet-moons" / name
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "flows.train", *RUN, f"name={name}"],
-                               cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               cwd=cwd, env=CLI_ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:

@@ -99,18 +99,24 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "expected"), BAD_INPUT)
-def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expected, tmp_path):
-    fast = FAST
+def bad_input_arguments(overrides, cwd):
+    """The command-line arguments of a ``BAD_INPUT`` case run from ``cwd``, after writing the
+    data file or the blocking ``outputs`` file that the named cases need."""
     if overrides in ("nan-data", "inf-data", "3d-data"):
         bad = {"nan-data": np.nan, "inf-data": -np.inf, "3d-data": None}[overrides]
-        overrides = _file_data(tmp_path, dims=3 if overrides == "3d-data" else 2, bad=bad)
-        fast = [o for o in FAST if not o.startswith("data.")]
+        data = _file_data(cwd, dims=3 if overrides == "3d-data" else 2, bad=bad)
+        return [*(o for o in FAST if not o.startswith("data.")), *data]
     if overrides == "unwritable":  # ./outputs is a file: no run folder can be made in it
-        (tmp_path / "outputs").write_text("")
-        overrides = []
+        (cwd / "outputs").write_text("")
+        return FAST
+    return [*FAST, *overrides]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_INPUT)
+def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expected, tmp_path):
+    arguments = bad_input_arguments(overrides, tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs")
-    result = run_cli("flows.train", *fast, *overrides, cwd=tmp_path)
+    result = run_cli("flows.train", *arguments, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert expected in result.stderr, result.stderr[-2000:]
@@ -123,20 +129,17 @@ def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expecte
 def test_warm_interpreter_reports_as_a_fresh_one(tmp_path):
     """``run_cli`` forks a warm interpreter; a new ``python -m`` must give the same exit code,
     stderr and files, for a refused override and for refused data."""
-    for case in (4, 8):
+    for overrides, expected in (BAD_INPUT[4], BAD_INPUT[8]):  # max_steps=abc, NaN data
         runs = {}
         for fresh in (False, True):
-            cwd = tmp_path / f"{case}-{fresh}"
+            cwd = tmp_path / f"{expected[:8]}-{fresh}"
             cwd.mkdir()
-            overrides, fast = BAD_INPUT[case][0], FAST
-            if overrides == "nan-data":
-                overrides = _file_data(cwd, bad=np.nan)
-                fast = [o for o in FAST if not o.startswith("data.")]
-            result = run_cli("flows.train", *fast, *overrides, cwd=cwd, fresh=fresh)
+            result = run_cli("flows.train", *bad_input_arguments(overrides, cwd), cwd=cwd,
+                             fresh=fresh)
             files = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
             runs[fresh] = (result.returncode, result.stderr.replace(str(cwd), "<cwd>"), files)
         assert runs[False] == runs[True]
-        assert runs[True][0] == 1 and BAD_INPUT[case][1] in runs[True][1]
+        assert runs[True][0] == 1 and expected in runs[True][1]
 
 
 @pytest.mark.parametrize("command", ["flows.evaluate", "flows.sample"])
