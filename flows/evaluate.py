@@ -30,7 +30,7 @@ from flows.diagnostics import residual_lipschitz_bounds
 from flows.evaluation import (
     exact_logdet_up_to,
     log_prob_passes,
-    monte_carlo_se,
+    probe_standard_error,
     set_eval_terms,
     terms_for_bias,
     truncation_bias_bound,
@@ -70,15 +70,15 @@ def evaluate(cfg: DictConfig) -> dict:
         num_terms = terms_for_bias(list(bounds.values()), max_bias_per_dim)
         set_eval_terms(flow, num_terms)
         bias = truncation_bias_bound(bounds.values(), num_terms)
-        log_prob, pass_means = log_prob_passes(flow, points, cfg.batch_size, device, cfg.max_se,
+        log_prob, passes = log_prob_passes(flow, points, cfg.batch_size, device, cfg.max_se,
                                                se_scale, cfg.min_passes, cfg.max_passes)
         estimator = {
             "num_terms": num_terms,
             "truncation_bias_bound": bias / math.log(2) if num_levels else bias * num_dims,
             "probes_per_pass": max(m.eval_num_probes for m in flow.modules()
                                    if isinstance(m, ResidualBlock)),
-            "passes": len(pass_means),
-            "monte_carlo_se": monte_carlo_se(pass_means) * se_scale,
+            "passes": len(passes),
+            "monte_carlo_se": probe_standard_error(passes) * se_scale,
             "unit": "bits/dim" if num_levels else "nats",
         }
     else:

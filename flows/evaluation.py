@@ -71,36 +71,44 @@ def set_eval_terms(flow: NormalizingFlow, num_terms: int) -> None:
 @torch.no_grad()
 def log_prob_passes(flow: NormalizingFlow, points: Tensor, batch_size: int, device: torch.device,
                     max_se: float, se_scale: float, min_passes: int = 2,
-                    max_passes: int = 20) -> tuple[Tensor, list[float]]:
+                    max_passes: int = 20) -> tuple[Tensor, Tensor]:
     """Average ``log p`` over passes with fresh Hutchinson probes until precise enough.
 
     Each pass evaluates every point once. After ``min_passes``, stops when the Monte Carlo
-    standard error of the mean over points, ``std(pass means) / sqrt(passes) * se_scale``
-    (``se_scale`` converts nats to the reported unit, e.g. bits/dim), is at most ``max_se``, or
-    after ``max_passes`` (with a warning that the target was not reached). Returns the per-point
-    average ``(N,)`` and each pass's mean.
+    standard error of the mean over points (``probe_standard_error``, times ``se_scale`` to
+    convert nats to the reported unit, e.g. bits/dim) is at most ``max_se``, or after
+    ``max_passes`` (with a warning that the target was not reached). Returns the per-point
+    average ``(N,)`` and every pass's values ``(passes, N)``.
     """
-    total = torch.zeros(len(points), dtype=torch.float64)
-    pass_means: list[float] = []
-    while len(pass_means) < max_passes:
-        log_prob = torch.cat([flow.log_prob(batch.to(device)).double().cpu()
+    if not 1 <= min_passes <= max_passes:
+        raise ValueError(f"min_passes={min_passes} and max_passes={max_passes}: need "
+                         f"1 <= min_passes <= max_passes (2 or more passes give a standard error)")
+    values = torch.empty(0, len(points), dtype=torch.float64)
+    while len(values) < max_passes:
+        one_pass = torch.cat([flow.log_prob(batch.to(device)).double().cpu()
                               for batch in points.split(batch_size)])
-        total += log_prob
-        pass_means.append(float(log_prob.mean()))
-        if len(pass_means) >= min_passes and monte_carlo_se(pass_means) * se_scale <= max_se:
-            return total / len(pass_means), pass_means
+        values = torch.cat([values, one_pass[None]])
+        se = probe_standard_error(values) * se_scale
+        if len(values) >= min_passes and se <= max_se:
+            return values.mean(0), values
     warnings.warn(
-        f"the Monte Carlo standard error {monte_carlo_se(pass_means) * se_scale:.2g} is still "
-        f"above max_se={max_se:g} after max_passes={max_passes} passes; raise max_passes (or "
-        f"the blocks' eval_num_probes) for a more precise estimate", RuntimeWarning, stacklevel=2)
-    return total / len(pass_means), pass_means
+        f"the Monte Carlo standard error {se:.2g} is still above max_se={max_se:g} after "
+        f"max_passes={max_passes} passes; raise max_passes (or the blocks' eval_num_probes) "
+        f"for a more precise estimate", RuntimeWarning, stacklevel=2)
+    return values.mean(0), values
 
 
-def monte_carlo_se(pass_means: list[float]) -> float:
-    """Standard error of the mean of ``pass_means`` (unbiased std over sqrt of their count)."""
-    count = len(pass_means)
-    if count < 2:
+def probe_standard_error(passes: Tensor) -> float:
+    """Monte Carlo standard error of ``mean_i mean_p passes[p, i]`` from the probes' noise.
+
+    ``passes``: ``(P, N)``, point ``i``'s estimate in pass ``p``. Every point draws its own
+    probes in every pass, so the ``P * N`` errors are independent and the variance of the mean
+    is ``sum_i var_i / (P N^2)``, with ``var_i`` point ``i``'s unbiased variance over the ``P``
+    passes. Pooled over ``N`` points, the estimate is precise from ``P = 2`` (about ``N``
+    degrees of freedom, where the spread of ``P`` pass means alone would give ``P - 1``).
+    ``inf`` for a single pass.
+    """
+    num_passes, num_points = passes.shape
+    if num_passes < 2:
         return math.inf
-    mean = sum(pass_means) / count
-    variance = sum((m - mean) ** 2 for m in pass_means) / (count - 1)
-    return math.sqrt(variance / count)
+    return math.sqrt(float(passes.var(dim=0).sum()) / num_passes) / num_points

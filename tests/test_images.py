@@ -16,7 +16,7 @@ from flows.core import Compose, NormalizingFlow
 from flows.data.datamodules import ImageDataModule
 from flows.data.images import dequantize, requantize
 from flows.distributions import StandardNormal
-from flows.evaluation import monte_carlo_se, terms_for_bias, truncation_bias_bound
+from flows.evaluation import probe_standard_error, terms_for_bias, truncation_bias_bound
 from flows.lit.module import DensityModule
 from flows.metrics import bits_per_dim, bits_per_dim_scale
 
@@ -171,6 +171,25 @@ def test_truncation_bias_bound_holds_and_is_tight(lipschitz):
     assert truncation_bias_bound([lipschitz] * 2, terms - 1) > 1e-4
 
 
-def test_monte_carlo_standard_error():
-    assert monte_carlo_se([1.0, 3.0]) == pytest.approx(1.0)  # std sqrt(2) over sqrt(2)
-    assert monte_carlo_se([2.0]) == math.inf
+def test_probe_standard_error_from_the_spread_of_each_point_over_passes():
+    # point 0: 1, 3 (variance 2); point 1: 3, 7 (variance 8): sqrt(10 / 2) / 2
+    passes = torch.tensor([[1.0, 3.0], [3.0, 7.0]], dtype=torch.float64)
+    assert probe_standard_error(passes) == pytest.approx(math.sqrt(5.0) / 2)
+    assert probe_standard_error(passes[:1]) == math.inf
+
+    # Against the truth: points with their own mean and noise level, 2 passes each. The
+    # standardised error of the mean, (estimate - truth) / SE, must have unit spread.
+    generator = torch.Generator().manual_seed(0)
+    trials, num_passes, num_points = 2000, 2, 500
+    truth = torch.randn(num_points, generator=generator, dtype=torch.float64) * 5
+    noise_level = torch.rand(num_points, generator=generator, dtype=torch.float64) * 3
+    z_scores = []
+    for _ in range(trials):
+        noise = torch.randn(num_passes, num_points, generator=generator, dtype=torch.float64)
+        passes = truth + noise * noise_level
+        z_scores.append(float(passes.mean() - truth.mean()) / probe_standard_error(passes))
+    z_scores = torch.tensor(z_scores)
+    # spread of 2,000 unit normals: 1 +- 0.016; from the pass means alone (1 degree of
+    # freedom) the ratio would be a Cauchy variable, with no finite spread
+    assert abs(float(z_scores.std()) - 1.0) < 0.06
+    assert float((z_scores.abs() > 3).float().mean()) < 0.01

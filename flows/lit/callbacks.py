@@ -172,16 +172,21 @@ class FlowDiagnostics(L.Callback):
     their clamp (a warning names layers above ``saturation_warning``).
 
     Args:
-        num_points: validation points used.
+        num_points: validation points used (vector data).
+        num_images: validation images used (image data): each costs a fixed-point inverse
+            through every residual block (1,000 MNIST images: 192 s for the default conv
+            i-ResNet on 2 CPU threads, more than the validation itself).
         reconstruction_warning: warn when the reconstruction error exceeds this.
         saturation_warning: warn when a coupling has more than this fraction of saturated scales.
         batch_size: points per forward and inverse pass (the saturation check uses the first
             batch).
     """
 
-    def __init__(self, num_points: int = 1000, reconstruction_warning: float = 1e-3,
-                 saturation_warning: float = 0.05, batch_size: int = 1000) -> None:
+    def __init__(self, num_points: int = 1000, num_images: int = 100,
+                 reconstruction_warning: float = 1e-3, saturation_warning: float = 0.05,
+                 batch_size: int = 1000) -> None:
         self.num_points = num_points
+        self.num_images = num_images
         self.batch_size = batch_size
         self.reconstruction_warning = reconstruction_warning
         self.saturation_warning = saturation_warning
@@ -190,7 +195,8 @@ class FlowDiagnostics(L.Callback):
         if trainer.sanity_checking:
             return
         flow = module.flow
-        x = trainer.datamodule.splits["val"][: self.num_points].to(module.device)
+        count = self.num_images if len(flow.event_shape) == 3 else self.num_points
+        x = trainer.datamodule.splits["val"][:count].to(module.device)
         was_training = flow.training
         flow.eval()
         errors: list[float] = []
