@@ -1,15 +1,18 @@
 """Image data, dequantisation and bits per dimension against known values."""
 
 import math
+import pickle
 import struct
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
+from torchvision.datasets import cifar
 
 from flows.bijections.normalization import ActNorm
 from flows.core import Compose, NormalizingFlow
@@ -122,6 +125,37 @@ def test_torchvision_sets_load_from_idx_files_offline(tmp_path, name, folder):
         map(tuple, expected.flatten(1).tolist()))
     assert torch.equal(torch.floor(data.splits["test"] * 256),
                        torch.from_numpy(test).float().unsqueeze(1))
+
+
+def write_cifar_batch(path, images):
+    """A CIFAR-10 python batch: a pickled dict whose ``data`` rows are 3,072 bytes, the red,
+    green and blue 32x32 planes one after another, each row-major."""
+    rows = images.reshape(len(images), 3 * 32 * 32).astype(np.uint8)
+    path.write_bytes(pickle.dumps({"data": rows, "labels": [0] * len(images)}))
+
+
+def test_cifar10_loads_from_its_python_batches_as_channels_first(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (5, 4, 3, 32, 32))  # 5 batches of 4 images, (C, H, W) each
+    test = rng.integers(0, 256, (6, 3, 32, 32))
+    for index, batch in enumerate(train, 1):
+        write_cifar_batch(folder / f"data_batch_{index}", batch)
+    write_cifar_batch(folder / "test_batch", test)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    # torchvision checks each file's MD5 against the real data set's; these files are small
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
+
+    data = ImageDataModule("cifar10", [3, 32, 32], root=str(tmp_path), download=False,
+                           num_val=4)
+    data.setup()
+    assert data.num_levels == 256 and data.splits["test"].shape == (6, 3, 32, 32)
+    # the planes come back as channels: image i, channel c is plane c of row i
+    assert torch.equal(torch.floor(data.splits["test"] * 256), torch.from_numpy(test).float())
+    loaded = torch.cat([data.splits["train"].float(), torch.floor(data.splits["val"] * 256)])
+    assert sorted(map(tuple, loaded.flatten(1).tolist())) == sorted(
+        map(tuple, torch.from_numpy(train).float().flatten(0, 1).flatten(1).tolist()))
 
 
 def test_missing_files_say_where_they_go(tmp_path, monkeypatch):
