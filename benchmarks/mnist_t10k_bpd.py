@@ -15,8 +15,8 @@ default command on real MNIST images,
 so 8,000 images train, 1,000 validate (best checkpoint) and 1,000 held-out images give the test
 bits/dim (8-bit, 256 levels, uniform dequantisation). ``--steps`` sets each model's step count
 (the cosine schedule anneals over it); the defaults fit about 5 minutes of 2 CPU threads here.
-i-ResNet validates every 250 steps and at the last one with 20 terms x 4 probes, about 3
-minutes per validation of 1,000 28x28 images here: most of its fit time at 500 steps.
+i-ResNet validates every 250 steps and at the last one (20 terms x 1 probe, ~16 s per
+1,000 28x28 images here; its diagnostics invert 100 of them, ~20 s).
 Far from the papers' budgets (hundreds of GPU epochs over 60,000 images: Real NVP 1.06, Glow
 1.05 bpd), this checks the image pipeline end to end on real data. Results go to
 ``benchmarks/results/mnist_t10k_bpd.md`` and ``.json`` (rows merged by model and seed).

@@ -107,8 +107,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if bounds and not estimator:
         log.info("log-det: exact in every residual block (no truncation bias, no probes)")
     if estimator:
-        log.info("log-det series: %d terms (truncation bias <= %.1e %s), %d passes of %d "
-                 "probes (Monte Carlo standard error %.1e %s)", estimator["num_terms"],
+        log.info("log-det series: %d terms (truncation bias <= %.1e %s), %d passes x %d "
+                 "probe(s) per point (Monte Carlo standard error %.1e %s)", estimator["num_terms"],
                  estimator["truncation_bias_bound"], estimator["unit"], estimator["passes"],
                  estimator["probes_per_pass"], estimator["monte_carlo_se"], estimator["unit"])
     log.info("%s NLL %.4f +- %.4f nats (%d points) -> %s", cfg.split, nll, standard_error,
