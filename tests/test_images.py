@@ -19,7 +19,12 @@ from flows.core import Compose, NormalizingFlow
 from flows.data.datamodules import ImageDataModule
 from flows.data.images import dequantize, requantize
 from flows.distributions import StandardNormal
-from flows.evaluation import probe_standard_error, terms_for_bias, truncation_bias_bound
+from flows.evaluation import (
+    log_prob_passes,
+    probe_standard_error,
+    terms_for_bias,
+    truncation_bias_bound,
+)
 from flows.lit.module import DensityModule
 from flows.metrics import bits_per_dim, bits_per_dim_scale
 
@@ -227,3 +232,11 @@ def test_probe_standard_error_from_the_spread_of_each_point_over_passes():
     # freedom) the ratio would be a Cauchy variable, with no finite spread
     assert abs(float(z_scores.std()) - 1.0) < 0.06
     assert float((z_scores.abs() > 3).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize(("min_passes", "max_passes"), [(3, 2), (0, 5)])
+def test_pass_counts_out_of_order_are_refused(min_passes, max_passes):
+    with pytest.raises(ValueError, match=rf"min_passes={min_passes} and max_passes={max_passes}"):
+        log_prob_passes(UniformDensity(Compose(), StandardNormal((2,))), torch.rand(4, 2),
+                        batch_size=4, device=torch.device("cpu"), max_se=1e-3, se_scale=1.0,
+                        min_passes=min_passes, max_passes=max_passes)
