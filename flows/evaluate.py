@@ -71,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict:
         set_eval_terms(flow, num_terms)
         bias = truncation_bias_bound(bounds.values(), num_terms)
         log_prob, passes = log_prob_passes(flow, points, cfg.batch_size, device, cfg.max_se,
-                                               se_scale, cfg.min_passes, cfg.max_passes)
+                                           se_scale, cfg.min_passes, cfg.max_passes)
         estimator = {
             "num_terms": num_terms,
             "truncation_bias_bound": bias / math.log(2) if num_levels else bias * num_dims,
