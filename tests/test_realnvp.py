@@ -13,7 +13,7 @@ from flows.bijections.coupling import (
 from flows.bijections.normalization import BatchNorm
 from flows.bijections.permutation import Permutation
 from flows.models.realnvp import RealNVP
-from flows.nn.mlp import MLP
+from flows.nn.mlp import MLP, ThinLinear
 from tests.checks import assert_same_training_results, check_bijection, perturb_
 
 MASKS = {
@@ -41,6 +41,31 @@ def test_mlp_shapes_and_zero_init():
     assert MLP(3, 4, num_hidden=0)(torch.randn(5, 3)).shape == (5, 4)
     with pytest.raises(ValueError, match="num_hidden"):
         MLP(3, 4, num_hidden=-1)
+
+
+def test_mlp_uses_thin_linears_only_where_a_side_is_thin():
+    thin = [isinstance(m, ThinLinear) for m in MLP(1, 2, hidden_features=8) if
+            isinstance(m, torch.nn.Linear)]
+    assert thin == [True, False, True]
+    assert not any(isinstance(m, ThinLinear) for m in MLP(3, 4, hidden_features=8))
+
+
+@pytest.mark.parametrize(("size_in", "size_out", "bias"),
+                         [(1, 16, True), (16, 2, True), (2, 3, False)])
+def test_thin_linear_compiled_matches_the_matrix_product(size_in, size_out, bias):
+    """Under torch.compile the broadcast-and-sum form gives x W^T + b and its gradients."""
+    torch.manual_seed(0)
+    layer = ThinLinear(size_in, size_out, bias=bias).double()
+    x = torch.randn(4, 5, size_in, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(lambda inp: torch.tanh(layer(inp)), dynamic=True)
+    y = compiled(x)
+    expected = torch.tanh(x @ layer.weight.T + (layer.bias if bias else 0))
+    torch.testing.assert_close(y, expected)
+    weights = list(layer.parameters())
+    grads = torch.autograd.grad(y.square().sum(), [x, *weights])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *weights])
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 # --- couplings ---------------------------------------------------------------------------
