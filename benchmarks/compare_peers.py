@@ -400,10 +400,10 @@ def main() -> None:
         elif section == "memory":
             report["memory"] = memory_section()
         elif section.startswith("budget"):
-            kept = report.get(section, {}).get("nll", {})
-            if report.get(section, {}).get("seeds") != args.seeds or \
-                    report[section].get("budget_s") != args.budget_s:
-                kept = {}  # other seeds or budget: rows from before would not compare
+            before = report.get(section, {})
+            comparable = (before.get("seeds"), before.get("budget_s")) == (args.seeds,
+                                                                           args.budget_s)
+            kept = before.get("nll", {}) if comparable else {}  # rows of other cases stay
             report[section] = {"budget_s": args.budget_s, "seeds": args.seeds, "nll": kept | (
                 budget_section(args.budget_s, args.seeds, args.cases,
                                decay=section == "budget-decay"))}

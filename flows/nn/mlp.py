@@ -67,6 +67,7 @@ class MLP(nn.Sequential):
                 f"got {in_features}, {out_features}, {hidden_features} and {num_hidden}"
             )
         sizes = [in_features] + [hidden_features] * num_hidden
+
         def linear(size_in: int, size_out: int) -> nn.Linear:
             thin = min(size_in, size_out) <= THIN
             return (ThinLinear if thin else nn.Linear)(size_in, size_out)
