@@ -93,6 +93,19 @@ def test_the_last_step_is_always_validated(tmp_path, max_steps, interval, valida
     assert f"step={max_steps}.ckpt" in {p.name for p in (tmp_path / "ckpt").iterdir()}
 
 
+def test_a_gradient_under_the_clipping_norm_is_applied_whole(tmp_path):
+    """One SGD step with lr 1 moves the parameters by the whole gradient, unscaled."""
+    shift = BreaksAfter(calls=10**9)
+    module = DensityModule(NormalizingFlow(shift, StandardNormal((2,))),
+                           lambda p: torch.optim.SGD(p, lr=1.0))
+    fit = trainer(tmp_path, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0,
+                  gradient_clip_val=10.0)
+    fit.fit(module, small_toy())
+    gradient_norm = fit.callback_metrics["train/grad_norm"].item()
+    assert 0.1 < gradient_norm < 10.0  # the moons mean, under the clipping norm
+    assert shift.shift.detach().norm().item() == pytest.approx(gradient_norm, rel=1e-6)
+
+
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_gradient_clipping_bounds_the_step(tmp_path, algorithm):
     """One SGD step with lr 1 moves the parameters by exactly the clipped gradient."""

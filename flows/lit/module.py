@@ -27,7 +27,9 @@ class NonFiniteError(FloatingPointError):
 class DensityModule(L.LightningModule):
     """Trains ``flow`` by minimising the mean negative log-likelihood in nats.
 
-    Logs ``train/nll`` every step, ``val/nll`` per validation and, at test time,
+    Logs ``train/nll`` and ``train/grad_norm`` on the steps Lightning writes (every
+    ``trainer.log_every_n_steps`` and the last: ``logs_this_step``), ``val/nll`` per
+    validation and, at test time,
     ``test/nll`` with its standard error over the whole test split (``test_result``). For
     quantised data (``num_levels``) it also logs bits per dimension, ``train/bpd``, ``val/bpd``
     and ``test/bpd`` (``flows.metrics.bits_per_dim``); where the training log-det is a
@@ -43,9 +45,10 @@ class DensityModule(L.LightningModule):
     The last step (``trainer.max_steps``) is always followed by a validation, wherever it
     falls between ``val_check_interval`` steps or epoch ends.
 
-    Every training step first reseeds torch's global generator from ``(seed, step, rank)``
-    (``step_seed``), so the randomness drawn inside a step (Hutchinson probes, noise) is the
-    same whether or not the run was interrupted and resumed there.
+    Every training step first reseeds torch's global generator (on an accelerator, its
+    generators too) from ``(seed, step, rank)`` (``step_seed``), so the randomness drawn
+    inside a step (Hutchinson probes, noise) is the same whether or not the run was
+    interrupted and resumed there.
 
     Args:
         flow: the model; the only ``nn.Module`` this system owns.
@@ -74,8 +77,17 @@ class DensityModule(L.LightningModule):
         self._test_moments: Tensor | None = None
         self.test_result: dict[str, float] = {}
 
+    def on_fit_start(self) -> None:
+        # fixed during a fit: walking the module tree for them every step took 0.2 ms
+        # (Real NVP 2-D, 48 parameter tensors)
+        self._parameter_list = list(self.parameters())
+
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
-        torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
+        seed = step_seed(self.seed, self.global_step, self.global_rank)
+        if self.device.type == "cpu":  # 2 us, where torch.manual_seed takes 0.3 ms
+            torch.default_generator.manual_seed(seed)
+        else:  # the accelerators' generators as well
+            torch.manual_seed(seed)
 
     def on_train_batch_end(self, outputs: object, batch: Tensor, batch_idx: int) -> None:
         # Lightning validates every val_check_interval steps or at epoch ends, so a max_steps
@@ -93,11 +105,20 @@ class DensityModule(L.LightningModule):
                 f"training loss became {loss.item()} at step {self.global_step} (epoch "
                 f"{self.current_epoch}, batch {batch_idx}), first in {where}"
             )
-        self.log("train/nll", loss, prog_bar=True)
-        if self.num_levels:
-            self.log(self.train_bpd_key, bits_per_dim(loss.detach(), self.num_dims,
-                                                      self.num_levels))
+        if self.logs_this_step():
+            self.log("train/nll", loss, prog_bar=True)
+            if self.num_levels:
+                self.log(self.train_bpd_key, bits_per_dim(loss.detach(), self.num_dims,
+                                                          self.num_levels))
         return loss
+
+    def logs_this_step(self) -> bool:
+        """Whether this training step's metrics are logged: on the steps Lightning's logger
+        writes (every ``log_every_n_steps``) and the last. Each ``self.log`` call costs 1-2 ms
+        (Lightning moves its stored metric to the device on every call): logging two metrics
+        every step made a Real NVP 2-D training step (22 ms) 9% slower."""
+        step, every = self.global_step + 1, self.trainer.log_every_n_steps
+        return (every > 0 and step % every == 0) or step == self.trainer.max_steps
 
     def _nonfinite(self, message: str) -> None:
         """Stop with ``message``, or count the step as skipped."""
@@ -115,7 +136,7 @@ class DensityModule(L.LightningModule):
         Lightning calls this after every backward (the gradients are unscaled under mixed
         precision); computing the norm once serves the NaN check, the log and norm clipping.
         """
-        params = [p for p in self.parameters() if p.grad is not None]
+        params = [p for p in self._parameter_list if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(norm):
             bad = [name for name, p in self.named_parameters()
@@ -125,11 +146,13 @@ class DensityModule(L.LightningModule):
             for p in params:  # skip: no update from this batch
                 p.grad = None
             return
-        self.log("train/grad_norm", norm)
+        if self.logs_this_step():
+            self.log("train/grad_norm", norm)
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm in (None, "norm"):
-            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+            if norm > gradient_clip_val:  # below it the scale is 1: nothing to multiply
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
