@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"          # normflows, nflows, zuko, FrEIA (this benchmark only)
     python benchmarks/compare_peers.py [--sections steps memory budget sampling] [--cases ...]
-        [--rounds 7] [--steps 20] [--budget-s 60] [--seeds 0 1 2]
+        [--rounds 7] [--steps 20] [--budget-s 60] [--seeds 0 1 2] [--sets moons ...]
 
 Architectures (``peer_models.py``): case 1, Real NVP 2-D (8 affine couplings, 1-128-128-2
 ReLU conditioners); case 2, i-ResNet 2-D (10 blocks 2-128-128-2 ELU, c = 0.9; exact log-det
@@ -22,8 +22,9 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
   Linux, with glibc returning freed tensors to the system); and the same for the i-ResNet
   series at 2, 5, 10 and 20 terms.
 - ``budget``: test NLL (nats, 50,000 test points of flows' toy split, seed s) after
-  ``--budget-s`` seconds of training on moons, 8gaussians and checkerboard, mean over seeds;
-  exact log-dets for every i-ResNet evaluated. The budget includes ``torch.compile``'s
+  ``--budget-s`` seconds of training on moons, 8gaussians and checkerboard (``--sets``: any
+  of flows' toy sets; a run adds or replaces its own sets' cells), mean over seeds; exact
+  log-dets for every i-ResNet evaluated. The budget includes ``torch.compile``'s
   compilation, paid afresh by every run. ``budget-decay``: the same with the learning rate
   decayed linearly to 0 over the budget's wall-clock time.
 - ``sampling``: samples per second at temperature 1 (batches of 10,000 for 2-D, 64 for
@@ -51,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from peer_models import Candidate, image_candidates, iresnet_candidates, realnvp_candidates
+
+from flows.data.toy import TOY_DATASETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("steps", "memory", "budget", "budget-decay", "sampling")
@@ -190,7 +193,8 @@ def test_nll(candidate: Candidate, test: torch.Tensor) -> float:
     return float(-torch.cat([candidate.log_prob(x) for x in test.split(10_000)]).mean())
 
 
-def budget_section(budget_s: float, seeds: list[int], cases: list[str], decay: bool) -> dict:
+def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: list[str],
+                   decay: bool) -> dict:
     """Test NLL after ``budget_s`` seconds of training, per data set, model and seed.
 
     Adam at lr 1e-3 throughout, or with ``decay`` from 1e-3 linearly to 0 in wall-clock time,
@@ -201,7 +205,7 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], decay: b
     builders = {"Real NVP 2-D": realnvp_candidates,
                 "i-ResNet 2-D": lambda: iresnet_candidates(series=False)}
     report: dict = {}
-    for data_name in TOY_SETS:
+    for data_name in sets:
         for seed in seeds:
             train, test = toy_splits(data_name, seed)
             for case in (case for case in builders if case in cases):
@@ -345,14 +349,17 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
         budget = report.get(key)
         if not budget:
             continue
+        measured = {d for models in budget["nll"].values() for sets in models.values()
+                    for d in sets}
+        columns = [d for d in TOY_DATASETS if d in measured]
         lines += [f"## Test NLL (nats) after {budget['budget_s']:.0f} s of training, {schedule}, "
                   f"mean over seeds {budget['seeds']} (steps in brackets)", "",
                   *machine_line(report, key),
-                  "| case | library | " + " | ".join(TOY_SETS) + " |",
-                  "|---|---|" + "---|" * len(TOY_SETS)]
+                  "| case | library | " + " | ".join(columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
         for case, models in budget["nll"].items():
             for name, sets in models.items():
-                cells = [budget_cell(sets[d]) for d in TOY_SETS]
+                cells = [budget_cell(sets[d]) if d in sets else "" for d in columns]
                 lines.append(f"| {case} | {name} | " + " | ".join(cells) + " |")
         lines.append("")
     sampling = report.get("sampling")
@@ -379,6 +386,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=60.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sets", nargs="+", choices=TOY_DATASETS, default=list(TOY_SETS),
+                        help="budget sections: the toy sets to train on (the others' cells stay)")
     parser.add_argument("--sampling-train-s", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "NAME"),
@@ -403,10 +412,12 @@ def main() -> None:
             before = report.get(section, {})
             comparable = (before.get("seeds"), before.get("budget_s")) == (args.seeds,
                                                                            args.budget_s)
-            kept = before.get("nll", {}) if comparable else {}  # rows of other cases stay
-            report[section] = {"budget_s": args.budget_s, "seeds": args.seeds, "nll": kept | (
-                budget_section(args.budget_s, args.seeds, args.cases,
-                               decay=section == "budget-decay"))}
+            nll = before.get("nll", {}) if comparable else {}  # other cells stay
+            for case, models in budget_section(args.budget_s, args.seeds, args.cases,
+                                               args.sets, section == "budget-decay").items():
+                for name, sets in models.items():
+                    nll.setdefault(case, {}).setdefault(name, {}).update(sets)
+            report[section] = {"budget_s": args.budget_s, "seeds": args.seeds, "nll": nll}
         else:
             report["sampling"] = {"train_s": args.sampling_train_s,
                                   "rates": sampling_section(args.sampling_train_s)}
