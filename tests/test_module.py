@@ -1,11 +1,13 @@
 """The Lightning system: the loss is the NLL, and a non-finite loss stops training loudly."""
 
+import csv
 import math
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from flows.bijections.normalization import ActNorm
 from flows.core import Bijection, NormalizingFlow
@@ -122,3 +124,17 @@ def test_gradient_clipping_bounds_the_step(tmp_path, algorithm):
         assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)
     else:
         torch.testing.assert_close(step.abs(), torch.full((2,), 1e-3))
+
+
+def test_training_metrics_reach_the_logger_every_n_steps_and_at_the_last(tmp_path):
+    """Logged only on the steps Lightning's logger writes, none of those steps lacks them."""
+    flow = NormalizingFlow(ActNorm(2), StandardNormal((2,)))
+    module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=1e-2))
+    L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=CSVLogger(tmp_path),
+              enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+              max_steps=12, log_every_n_steps=5, num_sanity_val_steps=0,
+              limit_val_batches=0).fit(module, small_toy())
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    for key in ("train/nll", "train/grad_norm"):
+        steps = [int(row["step"]) for row in rows if row.get(key)]
+        assert steps == [4, 9, 11], (key, steps)
