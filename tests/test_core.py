@@ -45,11 +45,21 @@ def test_actnorm_data_dependent_init_standardises_and_survives_reload():
     torch.testing.assert_close(reloaded.shift, layer.shift)
 
 
-def test_actnorm_zero_variance_feature_stays_finite():
+def test_actnorm_feature_without_spread_keeps_unit_scale():
     x = torch.randn(64, 2)
     x[:, 1] = 3.0
-    z, logdet = ActNorm(2).train()(x)
-    assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+    layer = ActNorm(2).train()
+    z, logdet = layer(x)
+    torch.testing.assert_close(layer.shift, x.mean(0))
+    log_scale = layer.log_scale.detach()
+    assert float(log_scale[1]) == 0.0 and float(log_scale[0]) != 0.0
+    torch.testing.assert_close(logdet, -log_scale[0].expand(64))
+    torch.testing.assert_close(z[:, 1], torch.zeros(64))
+    # a first batch of one vector: shifted to 0, nothing scaled by 1 / eps
+    single = ActNorm(2).train()
+    z, logdet = single(x[:1])
+    assert torch.equal(single.log_scale, torch.zeros(2)) and torch.equal(logdet, torch.zeros(1))
+    torch.testing.assert_close(z, torch.zeros(1, 2))
 
 
 def test_compose_and_inverse_sum_logdets():

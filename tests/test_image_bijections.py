@@ -55,6 +55,26 @@ def test_invertible_conv1x1_logdet_and_vectors():
     check_bijection(InvertibleConv1x1(4), torch.randn(5, 4, dtype=torch.float64))
 
 
+def test_image_models_are_built_in_the_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        models = [Glow((1, 4, 4), num_levels=2, num_steps=1, hidden_channels=8),
+                  MultiScaleRealNVP((1, 4, 4), num_couplings=1, hidden_channels=8,
+                                    num_blocks=1)]
+        for model in models:
+            assert {p.dtype for p in model.parameters()} == {torch.float64}
+            assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float64}
+            x = torch.rand(3, 1, 4, 4) * 0.9 + 0.05
+            z, logdet = model.eval()(x)
+            x_back, _ = model.inverse(z)
+            torch.testing.assert_close(x_back, x, atol=1e-10, rtol=1e-10)
+            assert logdet.dtype == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @pytest.mark.parametrize("additive", [False, True])
 def test_checkerboard_coupling(additive):
     net = ConvResNet(2, 2 if additive else 4, 8, 1)

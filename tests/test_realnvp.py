@@ -191,6 +191,16 @@ def test_batchnorm_rejects_bad_momentum():
         BatchNorm(2, momentum=0.0)
 
 
+def test_batchnorm_training_batch_of_one_vector_is_refused():
+    layer = BatchNorm(2).train()
+    with pytest.raises(ValueError, match=r"at least 2 values per feature.*shape \(1, 2\)"):
+        layer(torch.randn(1, 2))
+    assert torch.equal(layer.running_var, torch.ones(2))  # nothing updated
+    z, _ = layer(torch.randn(1, 2, 2, 2))  # one image still has 4 values per channel
+    assert torch.isfinite(z).all()
+    layer.eval()(torch.randn(1, 2))  # eval mode uses the running statistics
+
+
 # --- the model ---------------------------------------------------------------------------
 
 

@@ -27,12 +27,13 @@ class InvertibleConv1x1(Bijection):
         rotation, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
         permutation, lower, upper = torch.linalg.lu(rotation)
         diagonal = torch.diagonal(upper)
-        self.register_buffer("permutation", permutation.float())
-        self.register_buffer("sign", torch.sign(diagonal).float())
+        dtype = torch.get_default_dtype()  # computed in float64, stored like every other layer
+        self.register_buffer("permutation", permutation.to(dtype))
+        self.register_buffer("sign", torch.sign(diagonal).to(dtype))
         self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
-        self.lower = nn.Parameter(lower.float())
-        self.upper = nn.Parameter(torch.triu(upper, 1).float())
-        self.log_scale = nn.Parameter(torch.log(torch.abs(diagonal)).float())
+        self.lower = nn.Parameter(lower.to(dtype))
+        self.upper = nn.Parameter(torch.triu(upper, 1).to(dtype))
+        self.log_scale = nn.Parameter(torch.log(torch.abs(diagonal)).to(dtype))
 
     def weight(self) -> Tensor:
         """``W = P L U'``, shape ``(C, C)``."""

@@ -249,7 +249,8 @@ class CheckerboardCoupling(Bijection):
                  log_scale_clamp: float = 3.0, additive: bool = False) -> None:
         super().__init__()
         self.net = net
-        self.register_buffer("mask", checkerboard_mask(height, width, parity).float())
+        mask = checkerboard_mask(height, width, parity)
+        self.register_buffer("mask", mask.to(torch.get_default_dtype()))
         self.log_scale_clamp = log_scale_clamp
         self.additive = additive
 

@@ -18,10 +18,13 @@ class Logit(Bijection):
     ``log|det dz/dx| = sum [log(1 - 2 alpha) - log p - log(1 - p)]`` over all event dims,
     shape ``(B,)``. The inverse is ``x = (sigmoid(z) - alpha) / (1 - 2 alpha)`` with
     ``log|det dx/dz| = sum [log sigmoid(z) + log sigmoid(-z) - log(1 - 2 alpha)]``. Placed
-    first in an image flow it makes the likelihood a density on ``[0, 1]^D``, so bits per
+    first in an image flow it makes the likelihood a density on pixel values, so bits per
     dimension is one formula (``flows.metrics.bits_per_dim``). ``alpha > 0`` keeps pixels at 0
-    or 1 finite (Real NVP used 0.05 on CIFAR-10, Residual Flows 1e-6 on MNIST). Values outside
-    ``[0, 1]`` have no density here: ``forward`` refuses them with a ``ValueError``.
+    or 1 finite (Real NVP used 0.05 on CIFAR-10, Residual Flows 1e-6 on MNIST). The map is a
+    bijection from the box ``(-a, 1 + a)^D``, ``a = alpha / (1 - 2 alpha)``, onto ``R^D``, so
+    a flow starting with it puts mass ``<= 1`` on ``[0, 1]^D`` (its bits per dimension there
+    are an upper bound) and its samples can leave ``[0, 1]`` by up to ``a``. Data values
+    outside ``[0, 1]`` are refused by ``forward`` with a ``ValueError``.
 
     References:
         Dinh, Sohl-Dickstein & Bengio, Density estimation using Real NVP (2017), sec. 4.1,

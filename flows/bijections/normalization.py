@@ -19,6 +19,19 @@ def _spatial_size(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
+def _values_per_feature(x: Tensor, layer: str) -> Tensor:
+    """``x`` ``(B, C, *spatial)`` as ``(C, B * H * W)``; a ``ValueError`` if that is fewer than 2
+    values per feature, whose batch statistics would be degenerate (variance 0)."""
+    values = x.transpose(0, 1).flatten(1)
+    if values.shape[1] < 2:
+        raise ValueError(
+            f"{layer} in training mode takes per-feature statistics over the batch, which needs "
+            f"at least 2 values per feature; got a batch of shape {tuple(x.shape)}. Train with "
+            f"batches of 2 or more, or call .eval() to evaluate single samples"
+        )
+    return values
+
+
 def actnorm(x: Tensor, shift: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor]:
     """``(z, log|det dz/dx|)`` of ``z = (x - shift) * exp(-log_scale)``, pure (``ActNorm``'s math).
 
@@ -41,7 +54,8 @@ class ActNorm(Bijection):
     zero mean and unit variance. Under ``torch.distributed`` the statistics are averaged over
     the ranks' batches (assumed of equal size), so every rank starts from the same values. The
     ``initialized`` buffer is saved in checkpoints, so a reloaded model is not re-initialised.
-    ``eps`` guards zero-variance features.
+    A feature with ``std <= eps`` in that batch (constant, or a batch of one vector) keeps
+    ``log_scale = 0``: scaling it by ``1 / std`` would blow it up.
 
     References:
         Kingma & Dhariwal, Glow (2018), https://arxiv.org/abs/1807.03039
@@ -65,7 +79,8 @@ class ActNorm(Bijection):
         mean, mean_square = moments
         std = torch.sqrt(torch.clamp(mean_square - mean.square(), min=0.0))
         self.shift.copy_(mean)
-        self.log_scale.copy_(torch.log(std + self.eps))
+        # A feature without spread (constant, or a batch of one vector) keeps scale 1.
+        self.log_scale.copy_(torch.where(std > self.eps, torch.log(std + self.eps), 0.0))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,7 +131,7 @@ class BatchNorm(Bijection):
 
     def _batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Batch ``(mean, biased var)`` per feature; updates the running statistics."""
-        values = x.transpose(0, 1).flatten(1)
+        values = _values_per_feature(x, "BatchNorm")
         var, mean = torch.var_mean(values, dim=1, unbiased=False)
         with torch.no_grad():
             count = values.shape[1]

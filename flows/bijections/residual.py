@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from flows.core import Bijection
+from flows.nn.lipschitz import frozen_power_iteration
 from flows.nn.mlp_jacobian import logdet_exact
 
 LOGDET_MODES = ("auto", "exact", "series")
@@ -141,7 +142,9 @@ class ResidualBlock(Bijection):
     converge. The inverse log-det is minus the forward log-det at the recovered ``x``. Under
     grad mode the recovered ``x`` carries implicit-function gradients: exact
     ``dx = (I + J_g)^{-1} (dz - dg)`` when the log-det is exact, the one-step approximation
-    ``dx = dz - dg`` in series mode. Sample under ``torch.no_grad()`` to skip that work.
+    ``dx = dz - dg`` in series mode. Sample under ``torch.no_grad()`` to skip that work. The
+    inverse takes no power-iteration step of ``g``'s spectral normalisation, in training mode
+    either (``frozen_power_iteration``): it inverts the map of the last forward.
 
     Log-det: ``logdet="exact"`` uses ``net.forward_with_jacobian`` where the net has it, else
     ``dense_jacobian`` (``D`` forward-mode products per sample); ``"series"`` the truncated
@@ -269,10 +272,11 @@ class ResidualBlock(Bijection):
         return x + gx.detach(), samples.mean(0).detach()
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        x, iterations, converged = self._fixed_point(z)
-        if torch.is_grad_enabled():
-            x = self._implicit_gradient(x, z)
-        z_back, logdet = self(x)
+        with frozen_power_iteration(self.net):  # in training mode too: the last forward's g
+            x, iterations, converged = self._fixed_point(z)
+            if torch.is_grad_enabled():
+                x = self._implicit_gradient(x, z)
+            z_back, logdet = self(x)
         residual = float((z_back - z).detach().abs().max())
         self.last_inverse_iterations = iterations
         self.last_inverse_residual = residual

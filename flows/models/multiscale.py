@@ -1,9 +1,10 @@
 """Multi-scale image flows built from couplings: Real NVP and Glow.
 
 Both map images ``(B, C, H, W)`` in ``[0, 1]`` to a standard normal latent of the same shape:
-``Logit`` first (so the likelihood is a density on ``[0, 1]^D`` and bits per dimension is one
-formula), then scales that squeeze ``(C, H, W) -> (4C, H/2, W/2)``, transform, factor out half
-the channels and pass the rest to the next scale, and unsqueeze back. The factored-out
+``Logit`` first (so the likelihood is a density on pixel values and bits per dimension is one
+formula; see ``Logit`` for its support), then scales that squeeze ``(C, H, W) -> (4C, H/2,
+W/2)``, transform, factor out half the channels and pass the rest to the next scale, and
+unsqueeze back. The factored-out
 dimensions are latent coordinates from the scale where they left.
 """
 

@@ -13,7 +13,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,12 @@ class SpectralNormalization(nn.Module):
     or after loading a state dict, first runs the power iteration to convergence
     (``converge_``, to a relative error of about 1e-6): every evaluation, sample and inverse
     then uses weights with ``sigma(W_hat) <= c`` up to that tolerance, as Residual Flows does
-    before validating.
+    before validating. Vectors that are already converged for the weight (as in a state dict
+    saved from eval mode) are kept as they are, so reloading reproduces evaluations exactly.
+
+    Within ``frozen_power_iteration`` (the residual blocks' inverse) training mode takes no
+    power-iteration step either: every evaluation uses ``u, v`` as the last training forward
+    left them, so the inverse inverts exactly the map that forward applied.
 
     Args:
         weight: the weight to normalise, used for the shape and to initialise ``u, v``.
@@ -81,6 +87,12 @@ class SpectralNormalization(nn.Module):
         # 15 steps at construction, as torch's spectral_norm, so the first batch is already close.
         self.power_iterate_(weight.detach(), 15)
         self.stale = True  # u, v not converged for the current weight (see converge_)
+        self.frozen = False  # set by frozen_power_iteration
+
+    @property
+    def updating(self) -> bool:
+        """Whether an evaluation advances the power iteration: training mode, not frozen."""
+        return self.training and not self.frozen
 
     def check_weight(self, weight: Tensor) -> None:
         if weight.dim() != 2:
@@ -119,18 +131,22 @@ class SpectralNormalization(nn.Module):
     @torch.no_grad()
     def converge_(self, weight: Tensor, max_iterations: int = 1000, rtol: float = 1e-6) -> int:
         """Run the power iteration to convergence (``top_singular_value``, in float64) from the
-        current ``v`` and keep ``u, v``; returns the steps taken.
+        current ``v`` and keep ``u, v``; returns the steps taken. If ``sigma_hat`` of the
+        current ``v`` is already within ``rtol`` of the converged value, ``u, v`` stay as they
+        were (so converging twice, or after reloading converged vectors, changes nothing).
 
         Stops after ``max_iterations`` even if not converged (nearly equal top singular values
         converge slowly; ``sigma_hat`` is then already close to ``sigma``): the health checks
         (``flows.diagnostics``) measure the resulting bound independently.
         """
         weight = weight.double()  # float32 rounding would stop it ~1e-4 short of sigma
-        _, u, v, steps, _ = top_singular_value(
+        current = float(torch.linalg.vector_norm(self.operator(weight, self.v.double())))
+        sigma, u, v, steps, _ = top_singular_value(
             lambda x: self.operator(weight, x), lambda y: self.operator_adjoint(weight, y),
             self.v.double(), self.eps, max_iterations, rtol)
-        self.u.copy_(u)
-        self.v.copy_(v)
+        if sigma - current > rtol * sigma:
+            self.u.copy_(u)
+            self.v.copy_(v)
         self.stale = False
         return steps
 
@@ -148,13 +164,13 @@ class SpectralNormalization(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         self.refresh_(weight)
-        if self.training and self.n_power_iterations > 1:
+        if self.updating and self.n_power_iterations > 1:
             self.power_iterate_(weight, self.n_power_iterations - 1)
         weight_hat, u, v = spectral_normalize(
-            weight, self.u, self.v, self.coeff, self.eps, update=self.training,
+            weight, self.u, self.v, self.coeff, self.eps, update=self.updating,
             apply=self.operator, apply_adjoint=self.operator_adjoint,
         )
-        if self.training:
+        if self.updating:
             with torch.no_grad():
                 self.u.copy_(u)
                 self.v.copy_(v)
@@ -257,6 +273,21 @@ def _spectral_parametrizations(
                     name = f"{prefix}.{tensor_name}" if prefix else tensor_name
                     found.append((name, p, plist.original))
     return found
+
+
+@contextmanager
+def frozen_power_iteration(module: nn.Module) -> Iterator[None]:
+    """Within it, no ``SpectralNormalization`` in ``module`` takes a power-iteration step, in
+    training mode too: every normalised weight stays as the last training forward made it."""
+    normalizations = [p for _, p, _ in _spectral_parametrizations(module)]
+    previous = [p.frozen for p in normalizations]
+    for p in normalizations:
+        p.frozen = True
+    try:
+        yield
+    finally:
+        for p, frozen in zip(normalizations, previous, strict=True):
+            p.frozen = frozen
 
 
 @torch.no_grad()
@@ -373,18 +404,20 @@ class LipschitzMLP(nn.Module):
         weights = [linear.parametrizations.weight.original for linear in self.linears]
         for normalization, weight in zip(normalizations, weights, strict=True):
             normalization.refresh_(weight)
-        if self.training and normalizations[0].n_power_iterations > 1:
+        updating = normalizations[0].updating
+        if updating and normalizations[0].n_power_iterations > 1:
             for normalization, weight in zip(normalizations, weights, strict=True):
                 normalization.power_iterate_(weight, normalization.n_power_iterations - 1)
         return (weights, [linear.bias for linear in self.linears],
                 [p.u for p in normalizations], [p.v for p in normalizations],
                 self._activation_params(), self.activation, self.coeff, normalizations[0].eps,
-                self.training)
+                updating)
 
     @torch.no_grad()
     def store_vectors(self, us: list[Tensor], vs: list[Tensor]) -> None:
-        """Keep ``residual_exact``'s power-iteration vectors (training mode; eval leaves them)."""
-        if self.training:
+        """Keep ``residual_exact``'s power-iteration vectors (training mode, not frozen; eval
+        leaves them)."""
+        if self._normalizations()[0].updating:
             for normalization, u, v in zip(self._normalizations(), us, vs, strict=True):
                 normalization.u.copy_(u)
                 normalization.v.copy_(v)
