@@ -111,18 +111,65 @@ class RunFolderError(CompactHydraException, InterpolationResolutionError):
     OmegaConf passes it through unchanged and Hydra prints it as one line, no traceback."""
 
 
-def resolve_run_dir(parent: str, name: str | None, ckpt_path: str | None) -> str:
+def resolve_run_dir(parent: str, name: str | None, ckpt_path: str | None,
+                    _root_: DictConfig) -> str:
     """``<parent>/<name>`` for ``hydra.run.dir`` (``${flows_run_dir:...}``), checked.
 
     ``name`` defaults to the start time (to the microsecond). The folder must be creatable,
     and one holding a run (``.hydra/``) is reused only to resume it (``ckpt_path=last`` or a
     checkpoint inside it); that is not checked when a launcher (torchrun, SLURM) started
-    several ranks. Hydra resolves this before it writes anything into the folder, so a refused
-    command changes nothing. Cached: later resolutions in the same process (Lightning's DDP
-    launcher reads ``hydra.run.dir`` again) return the same folder without checking again.
+    several ranks. A resume must keep the settings that define the run (``RUN_DEFINING``,
+    against its saved ``.hydra/config.yaml``). Hydra resolves this before it writes anything
+    into the folder, so a refused command changes nothing. Cached: later resolutions in the
+    same process (Lightning's DDP launcher reads ``hydra.run.dir`` again) return the same
+    folder without checking again.
     """
     # str(): a name YAML reads as a number (name=1, name=nan) is still a folder name.
-    return _checked_run_dir(parent, _start_time() if name is None else str(name), ckpt_path)
+    folder = _checked_run_dir(parent, _start_time() if name is None else str(name), ckpt_path)
+    saved = Path(folder) / ".hydra" / "config.yaml"
+    if ckpt_path is not None and saved.is_file():
+        check_resume_settings(OmegaConf.load(saved), _root_, saved)
+    return folder
+
+
+# What a resumed run must keep: its model, data, optimisation and schedule (a cosine schedule
+# restored from a checkpoint keeps its length whatever trainer.max_steps says now).
+RUN_DEFINING = ("seed", "model", "data", "optim", "scheduler", "on_nonfinite",
+                "trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
+                "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+                "trainer.gradient_clip_algorithm", "trainer.precision")
+
+
+def check_resume_settings(saved: DictConfig, current: DictConfig, source: Path) -> None:
+    """Raise ``RunFolderError`` naming every ``RUN_DEFINING`` value (unresolved, as written)
+    that differs between the run's saved config and the resuming command's."""
+    before, now = _run_defining(saved), _run_defining(current)
+    changed = [f"{key} ({before.get(key)} -> {now.get(key)})"
+               for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+    if changed:
+        raise RunFolderError(
+            f"error: ckpt_path resumes the run in {source.parent.parent} as it was configured, "
+            f"but this command changes {', '.join(changed[:6])}"
+            f"{' and more' if len(changed) > 6 else ''}; repeat the run's own overrides "
+            f"({source.parent / 'overrides.yaml'}) or start a new run with another name= "
+            f"(nothing was changed)"
+        )
+
+
+def _run_defining(cfg: DictConfig) -> dict[str, Any]:
+    """``{dotted key: value}`` of the ``RUN_DEFINING`` leaves of ``cfg``, uninterpolated."""
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=False), "")
+    return {key: value for key, value in flat.items()
+            if any(key == p or key.startswith(f"{p}.") for p in RUN_DEFINING)}
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
 
 
 @functools.cache

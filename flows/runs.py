@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import zipfile
@@ -18,14 +19,19 @@ from flows.core import NormalizingFlow
 def find_checkpoint(path: str | Path) -> Path:
     """A ``.ckpt`` file as given, or the best (else last) checkpoint of a run folder.
 
-    The best is the ``best-<step>-nll=<val nll>.ckpt`` with the lowest validation NLL.
+    The best is the one the training run tested (``results.json``'s ``best_ckpt``) if it is
+    still there, else the ``best-<step>-nll=<val nll>.ckpt`` with the lowest validation NLL
+    (the later step of a tie, as the checkpoint callback keeps it).
     """
     path = Path(path)
     if path.is_file():
         return path
     if path.is_dir():
         folder = path / "checkpoints"
-        best = sorted(folder.glob("best-*.ckpt"), key=lambda p: (_validation_nll(p), p.name))
+        recorded = _tested_checkpoint(path)
+        if recorded is not None:
+            return recorded
+        best = sorted(sorted(folder.glob("best-*.ckpt"), reverse=True), key=_validation_nll)
         candidates = best or sorted(folder.glob("last*.ckpt"))
         if candidates:
             return candidates[0]
@@ -33,6 +39,16 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(
         f"checkpoint {path} does not exist; pass ckpt=<run folder> or ckpt=<file.ckpt>"
     )
+
+
+def _tested_checkpoint(run: Path) -> Path | None:
+    """``<run>/checkpoints/<name>`` of ``results.json``'s ``best_ckpt``, if both exist."""
+    try:
+        name = json.loads((run / "results.json").read_text()).get("best_ckpt")
+    except (OSError, ValueError, AttributeError):
+        return None
+    checkpoint = run / "checkpoints" / Path(name).name if name else None
+    return checkpoint if checkpoint is not None and checkpoint.is_file() else None
 
 
 def _validation_nll(checkpoint: Path) -> float:
@@ -87,10 +103,19 @@ def load_flow(checkpoint: Path, cfg: DictConfig) -> NormalizingFlow:
 
 
 def pick_device(name: str) -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU; otherwise a torch device name."""
+    """``"auto"``: the GPU when there is one, else the CPU; otherwise a torch device name that
+    this machine has (a ``ValueError`` says so if not)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a torch device; use auto, cpu or cuda") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise ValueError(f"device={name!r}: no {device.type} device is available here; use "
+                         f"device=auto or device=cpu")
+    return device
 
 
 def load_trained(path: str | Path, device: str = "auto") -> tuple[NormalizingFlow, DictConfig,

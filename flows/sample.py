@@ -34,22 +34,25 @@ def sample(cfg: DictConfig) -> Path:
         samples = flow.sample(cfg.n, cfg.temperature).cpu()
     out = Path(cfg.out) if cfg.out else run / "samples"
     out.mkdir(parents=True, exist_ok=True)
+    # The name holds dots (nll=2.906, T0.8): suffixes are appended, never swapped.
     stem = out / f"{checkpoint.stem}-n{cfg.n}-T{cfg.temperature}-seed{cfg.seed}"
-    np.save(stem.with_suffix(".npy"), samples.numpy())
-    torch.save(samples, stem.with_suffix(".pt"))
+    suffixes = ["npy", "pt"]
+    np.save(f"{stem}.npy", samples.numpy())
+    torch.save(samples, f"{stem}.pt")
+    figure = None
     if len(flow.event_shape) == 3:
         figure = plot_image_grids({f"{cfg.n} samples, T = {cfg.temperature}": image_grid(
             samples, nrow=max(1, int(cfg.n ** 0.5)))})
-        figure.savefig(stem.with_suffix(".png"), dpi=110)
-        plt.close(figure)
     elif flow.event_shape == (2,):
         datamodule = instantiate(run_cfg.data)
         datamodule.setup()
-        data = datamodule.splits["val"][: cfg.n].numpy()
+        data = datamodule.splits["val"][: max(cfg.n, 2000)].numpy()
         figure = plot_samples(data, samples.numpy(), title=f"samples, T={cfg.temperature}")
-        figure.savefig(stem.with_suffix(".png"), dpi=110)
+    if figure is not None:
+        figure.savefig(f"{stem}.png", dpi=110)
         plt.close(figure)
-    log.info("%d samples at T=%s -> %s.{npy,pt,png}", cfg.n, cfg.temperature, stem)
+        suffixes.append("png")
+    log.info("%d samples at T=%s -> %s.{%s}", cfg.n, cfg.temperature, stem, ",".join(suffixes))
     return stem
 
 

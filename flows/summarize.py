@@ -2,7 +2,9 @@
 
 Finds every ``results.json`` under ``dir`` (a Hydra multirun folder, or ``outputs/``), writes
 ``summary.csv`` (one row per run) and ``summary.md`` (the same, plus the mean and standard
-deviation over seeds of each model x data) into ``dir``, and prints the Markdown.
+deviation over seeds of each model x data x settings) into ``dir``, and prints the Markdown.
+A run's settings are its command-line overrides (``.hydra/overrides.yaml``) other than model,
+data, seed, name and ckpt_path: runs that differ in anything else are not averaged together.
 """
 
 from __future__ import annotations
@@ -15,14 +17,29 @@ from collections import defaultdict
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flows.cli import user_errors
 
 log = logging.getLogger("flows")
 
 COLUMNS = ("run", "model", "data", "seed", "status", "train_steps", "test_nll", "test_nll_se",
-           "gap", "wall_s")
+           "test_bpd", "gap", "wall_s", "settings")
+# Overrides that pick or name a run rather than set it up: not part of its settings.
+NOT_SETTINGS = ("model", "data", "seed", "name", "ckpt_path")
+
+
+def settings(run: Path) -> str:
+    """The run's overrides (``.hydra/overrides.yaml``) that set it up, sorted, one string."""
+    path = run / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    return " ".join(sorted(str(o) for o in OmegaConf.load(path) if _is_setting(str(o))))
+
+
+def _is_setting(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key not in NOT_SETTINGS and not key.startswith("hydra.")
 
 
 def collect(folder: Path) -> list[dict]:
@@ -33,29 +50,40 @@ def collect(folder: Path) -> list[dict]:
     for path in sorted(folder.rglob("results.json")):
         results = json.loads(path.read_text())
         rows.append({"run": str(path.parent.relative_to(folder)) or ".",
-                     **{key: results.get(key) for key in COLUMNS[1:]}})
+                     **{key: results.get(key) for key in COLUMNS[1:-1]},
+                     "settings": settings(path.parent)})
     if not rows:
         raise FileNotFoundError(f"no results.json under {folder}")
     return rows
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return ""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _mean_and_sd(values: list[float]) -> str:
+    if not values:
+        return " | "
+    spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.fmean(values):.4f} | {spread:.4f}"
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
-    groups: dict[tuple, list[float]] = defaultdict(list)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         if row["test_nll"] is not None:
-            groups[(row["model"], row["data"])].append(row["test_nll"])
-    lines += ["", "| model | data | runs | test NLL mean | sd over runs |",
-              "|---|---|---|---|---|"]
-    for (model, data), values in sorted(groups.items()):
-        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-        lines.append(f"| {model} | {data} | {len(values)} | {statistics.fmean(values):.4f} | "
-                     f"{spread:.4f} |")
+            groups[(row["model"], row["data"], row["settings"])].append(row)
+    lines += ["", "| model | data | runs | test NLL mean | sd over runs | test bpd mean | "
+              "sd over runs | settings |", "|---|---|---|---|---|---|---|---|"]
+    for (model, data, setup), group in sorted(groups.items()):
+        nll = [row["test_nll"] for row in group]
+        bpd = [row["test_bpd"] for row in group if row["test_bpd"] is not None]
+        lines.append(f"| {model} | {data} | {len(group)} | {_mean_and_sd(nll)} | "
+                     f"{_mean_and_sd(bpd)} | {setup} |")
     return "\n".join(lines) + "\n"
 
 

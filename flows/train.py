@@ -47,10 +47,18 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trainer]:
     """Data (validated), the system and the trainer, before anything is written."""
     check_config_types(cfg)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     flow = instantiate(cfg.model)
     flow.check_input(datamodule.splits["train"][:2])
+    optimizer = instantiate(cfg.optim)
+    try:
+        optimizer(flow.parameters())  # its own checks (a negative lr, ...), before any run
+    except ValueError as error:
+        raise ValueError(f"optim ({cfg.optim._target_}): {error}") from None
     if cfg.get("scheduler") and cfg.scheduler.get("T_max", 1) < 1:
         raise ValueError(
             f"scheduler.T_max={cfg.scheduler.T_max}: the cosine schedule needs the number of "
@@ -58,7 +66,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
             f"scheduler=constant"
         )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = DensityModule(flow, instantiate(cfg.optim), scheduler, seed=cfg.seed,
+    module = DensityModule(flow, optimizer, scheduler, seed=cfg.seed,
                            on_nonfinite=cfg.on_nonfinite,
                            num_levels=getattr(datamodule, "num_levels", None))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -125,7 +133,6 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
 def main(cfg: DictConfig) -> float | None:
     """Entry point; returns the test NLL (so Hydra sweepers can optimise it)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
     try:
         with user_errors():
             ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)

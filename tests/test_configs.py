@@ -30,6 +30,7 @@ def compose_train(*overrides: str):
 def small_data(cfg):
     with open_dict(cfg):
         cfg.data.num_train, cfg.data.num_val, cfg.data.num_test = 256, 64, 64
+        cfg.data.batch_size = min(cfg.data.batch_size, 256)  # one full batch to train on
     return cfg
 
 

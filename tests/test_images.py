@@ -119,7 +119,8 @@ def fake_mnist(root, folder="MNIST", num_train=40, num_test=12):
                                               ("fashion_mnist", "FashionMNIST")])
 def test_torchvision_sets_load_from_idx_files_offline(tmp_path, name, folder):
     train, test = fake_mnist(tmp_path, folder)
-    data = ImageDataModule(name, [1, 28, 28], root=str(tmp_path), download=False, num_val=8)
+    data = ImageDataModule(name, [1, 28, 28], root=str(tmp_path), download=False, num_val=8,
+                           batch_size=16)
     data.setup()
     assert data.num_levels == 256
     assert len(data.splits["train"]) == 32 and len(data.splits["val"]) == 8
@@ -153,7 +154,7 @@ def test_cifar10_loads_from_its_python_batches_as_channels_first(tmp_path, monke
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
 
     data = ImageDataModule("cifar10", [3, 32, 32], root=str(tmp_path), download=False,
-                           num_val=4)
+                           num_val=4, batch_size=16)
     data.setup()
     assert data.num_levels == 256 and data.splits["test"].shape == (6, 3, 32, 32)
     # the planes come back as channels: image i, channel c is plane c of row i

@@ -1,6 +1,7 @@
 """Loud numerical failures, safe checkpoint files, refused unsafe input, flow health checks."""
 
 import errno
+import json
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from flows.lit.module import DensityModule
 from flows.models.iresnet import IResNet
 from flows.models.realnvp import RealNVP
 from flows.nn.lipschitz import power_iterate_
+from flows.runs import find_checkpoint
 from tests.conftest import ROOT, fake_run_folder, run_cli
 from tests.test_module import BreaksAfter, small_toy, trainer
 
@@ -131,6 +133,20 @@ def test_every_load_in_the_code_is_weights_only():
             if pattern.search(line):
                 assert "torch.load(" in line and "weights_only=True" in line, \
                     f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+
+
+def test_run_folder_resolves_to_the_checkpoint_training_tested(tmp_path):
+    run = fake_run_folder(tmp_path, "model: {}\n", b"")
+    for name in ("best-000099-nll=2.90617.ckpt", "best-000100-nll=2.90617.ckpt",
+                 "best-000050-nll=2.95000.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"")
+    # a tie in the rounded name: the later step, as the checkpoint callback keeps it
+    assert find_checkpoint(run).name == "best-000100-nll=2.90617.ckpt"
+    results = {"best_ckpt": "/elsewhere/run/checkpoints/best-000099-nll=2.90617.ckpt"}
+    (run / "results.json").write_text(json.dumps(results))
+    assert find_checkpoint(run).name == "best-000099-nll=2.90617.ckpt"  # the one it tested
+    (run / "checkpoints" / "best-000099-nll=2.90617.ckpt").unlink()
+    assert find_checkpoint(run).name == "best-000100-nll=2.90617.ckpt"
 
 
 def test_run_config_with_a_foreign_target_is_refused(tmp_path):

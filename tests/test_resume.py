@@ -103,6 +103,15 @@ def test_a_named_run_folder_is_never_overwritten(tmp_path):
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before  # not one byte changed, the saved config included
 
+    # a resume keeps the run's settings: a longer schedule or another model is refused
+    wider = [o.replace("hidden_features=8", "hidden_features=16") for o in SMALL]
+    changed = run_cli("flows.train", *wider, "trainer.max_steps=10", "name=mine",
+                      "ckpt_path=last", cwd=tmp_path)
+    assert changed.returncode != 0
+    assert ("this command changes model.hidden_features (8 -> 16), trainer.max_steps (5 -> 10)"
+            in changed.stderr), changed.stderr[-2000:]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
     missing = run_cli("flows.train", *short, "name=other", "ckpt_path=last", cwd=tmp_path)
     assert missing.returncode == 1
     assert "other/checkpoints/last.ckpt is not a file" in missing.stderr

@@ -2,12 +2,14 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from flows.summarize import summarize
 from tests.conftest import fake_run_folder, run_cli
 
 FAST = ["trainer.max_steps=30", "data.num_train=4096", "data.num_val=1024",
@@ -65,7 +67,12 @@ def test_sample_writes_png_and_arrays(trained_run, tmp_path):
                      f"out={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     arrays = list(tmp_path.glob("*.npy"))
-    assert len(arrays) == 1 and list(tmp_path.glob("*.png")) and list(tmp_path.glob("*.pt"))
+    assert len(arrays) == 1
+    # named in full after the checkpoint, n, T and seed (dots in the name are not suffixes)
+    assert arrays[0].name.startswith("best-") and arrays[0].name.endswith("-n300-T0.8-seed0.npy")
+    stem = str(arrays[0]).removesuffix(".npy")
+    assert Path(f"{stem}.png").is_file() and Path(f"{stem}.pt").is_file()
+    assert f"{stem}.{{npy,pt,png}}" in result.stdout + result.stderr
     samples = np.load(arrays[0])
     assert samples.shape == (300, 2) and np.isfinite(samples).all()
 
@@ -73,6 +80,7 @@ def test_sample_writes_png_and_arrays(trained_run, tmp_path):
 def _file_data(tmp_path, dims=2, bad=None):
     points = np.random.default_rng(0).normal(size=(1000, dims))
     if bad is not None:
+        points = points.astype(complex) if isinstance(bad, complex) else points
         points[17, 1] = bad
     np.save(tmp_path / "points.npy", points)
     return ["data=file", f"data.path={tmp_path / 'points.npy'}", "data.features=2"]
@@ -91,19 +99,25 @@ BAD_INPUT = [
     ("nan-data", "NaN or inf (first at row 17)"),
     ("inf-data", "NaN or inf (first at row 17)"),
     ("3d-data", "3 features"),
+    ("complex-data", "holds complex128 values, not real numbers"),
     (["ckpt_path=/no/such/file.ckpt"], "/no/such/file.ckpt"),
     (["ckpt_path=last"], "checkpoints/last.ckpt is not a file"),
     (["+callbacks.evil._target_=subprocess.run"], "_target_=subprocess.run is refused"),
     (["trainer.plugins.0._target_=os.system"], "_target_=os.system is refused"),
     ("unwritable", "cannot create the run folder outputs/realnvp-moons/"),
+    (["data.num_train=200"], "training split has 200 points, fewer than one batch"),
+    (["data.batch_size=0"], "data.batch_size=0 and data.eval_batch_size=10000 must both be"),
+    (["optim.lr=-0.001"], "optim (torch.optim.Adam): Invalid learning rate: -0.001"),
+    (["seed=abc"], "seed='abc'"),
 ]
 
 
 def bad_input_arguments(overrides, cwd):
     """The command-line arguments of a ``BAD_INPUT`` case run from ``cwd``, after writing the
     data file or the blocking ``outputs`` file that the named cases need."""
-    if overrides in ("nan-data", "inf-data", "3d-data"):
-        bad = {"nan-data": np.nan, "inf-data": -np.inf, "3d-data": None}[overrides]
+    if overrides in ("nan-data", "inf-data", "3d-data", "complex-data"):
+        bad = {"nan-data": np.nan, "inf-data": -np.inf, "3d-data": None,
+               "complex-data": 1j}[overrides]
         data = _file_data(cwd, dims=3 if overrides == "3d-data" else 2, bad=bad)
         return [*(o for o in FAST if not o.startswith("data.")), *data]
     if overrides == "unwritable":  # ./outputs is a file: no run folder can be made in it
@@ -183,6 +197,24 @@ def test_multirun_sweep_gives_each_job_its_own_folder_and_a_summary(tmp_path):
     mean = (nll[("nice", 0)] + nll[("nice", 1)]) / 2
     assert f"| nice | moons | 2 | {mean:.4f} |" in (sweep / "summary.md").read_text()
     assert f"| nice | moons | 2 | {mean:.4f} |" in summary.stdout
+
+
+def test_summary_averages_only_runs_with_the_same_settings(tmp_path):
+    runs = [("a", "realnvp", 0, 2.0, None, ["model=realnvp", "seed=0", "optim.lr=0.001"]),
+            ("b", "realnvp", 1, 3.0, None, ["seed=1", "optim.lr=0.001", "model=realnvp"]),
+            ("c", "realnvp", 0, 9.0, None, ["model=realnvp", "seed=0", "optim.lr=0.1"]),
+            ("d", "glow", 0, -70.0, 2.5, ["model=glow", "data=digits", "seed=0"]),
+            ("e", "glow", 1, -72.0, 2.3, ["model=glow", "data=digits", "seed=1"])]
+    for name, model, seed, nll, bpd, overrides in runs:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        results = {"model": model, "data": "digits" if bpd else "moons", "seed": seed,
+                   "status": "finished", "test_nll": nll, "test_bpd": bpd}
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        OmegaConf.save(OmegaConf.create(overrides), tmp_path / name / ".hydra" / "overrides.yaml")
+    table = summarize(tmp_path)
+    assert "| realnvp | moons | 2 | 2.5000 | 0.7071 |  |  | optim.lr=0.001 |" in table
+    assert "| realnvp | moons | 1 | 9.0000 | nan |  |  | optim.lr=0.1 |" in table
+    assert "| glow | digits | 2 | -71.0000 | 1.4142 | 2.4000 | 0.1414 |  |" in table
 
 
 def test_checkpoint_of_another_model_is_refused(trained_run, tmp_path):

@@ -113,8 +113,36 @@ class PointDataModule(L.LightningDataModule):
                     f"the data has {train.shape[1]} features per point but data.features="
                     f"{self.features}; set data.features={train.shape[1]}"
                 )
-            self.splits = {"train": torch.from_numpy(train), "val": torch.from_numpy(val),
-                           "test": torch.from_numpy(test)}
+            splits = {"train": torch.from_numpy(train), "val": torch.from_numpy(val),
+                      "test": torch.from_numpy(test)}
+            self.check_split_sizes(splits)
+            self.splits = splits
+
+    def check_split_sizes(self, splits: dict[str, Tensor]) -> None:
+        """Raise a ``ValueError`` unless training has a full batch and evaluation 2 points.
+
+        Training batches are always full (``TrainBatches`` drops the remainder), so fewer
+        training points than ``batch_size`` would train nothing; a standard error needs 2.
+        """
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} and data.eval_batch_size="
+                f"{self.eval_batch_size} must both be >= 1"
+            )
+        sizes = {split: len(points) for split, points in splits.items()}
+        if sizes["train"] < self.batch_size:
+            raise ValueError(
+                f"the training split has {sizes['train']} points, fewer than one batch "
+                f"(data.batch_size={self.batch_size}), so nothing would train; lower "
+                f"data.batch_size or give more data"
+            )
+        small = {split: n for split, n in sizes.items() if split != "train" and n < 2}
+        if small:
+            raise ValueError(
+                f"the {' and '.join(small)} split(s) hold {', '.join(map(str, small.values()))} "
+                f"point(s); evaluation needs at least 2 (for a standard error): give more data "
+                f"or larger split sizes"
+            )
 
     def _progress(self) -> tuple[int, int, int]:
         """``(batches consumed, rank, world size)`` from the trainer; ``(0, 0, 1)`` alone."""
@@ -196,9 +224,18 @@ class FileDataModule(PointDataModule):
         if self.path.suffix == ".npy":
             points = np.load(self.path, allow_pickle=False)
         else:
-            points = np.loadtxt(self.path, delimiter="," if self.path.suffix == ".csv" else None,
-                                ndmin=2)
-        points = validate_points(np.asarray(points, dtype=np.float64), str(self.path))
+            try:
+                points = np.loadtxt(self.path, ndmin=2,
+                                    delimiter="," if self.path.suffix == ".csv" else None)
+            except ValueError as error:
+                raise ValueError(f"{self.path}: {error}; the file must hold numbers only, one "
+                                 f"point per line (no header)") from None
+        if points.dtype.kind not in "biuf":  # bool, integers, floats: values a density can take
+            raise ValueError(
+                f"{self.path}: holds {points.dtype} values, not real numbers; save the points "
+                f"as a float array (complex data: split real and imaginary parts into features)"
+            )
+        points = validate_points(points.astype(np.float64), str(self.path))
         order = np.random.default_rng(self.seed).permutation(points.shape[0])
         num_val, num_test = (max(1, int(f * points.shape[0])) for f in self.fractions)
         val, test, train = np.split(points[order], [num_val, num_val + num_test])
@@ -279,14 +316,13 @@ class ImageDataModule(PointDataModule):
         if tuple(train.shape[1:]) != self.shape:
             raise ValueError(f"{self.name} images have shape {tuple(train.shape[1:])} but "
                              f"data.shape={list(self.shape)}; set data.shape to the images' shape")
-        if min(len(train), len(val), len(test)) < 2:
-            raise ValueError(f"{self.name}: splits of {len(train)} / {len(val)} / {len(test)} "
-                             f"images; every split needs at least 2 (lower data.num_val)")
         streams = np.random.SeedSequence([self.seed, 1]).generate_state(2)
-        self.splits = {"train": train}
+        splits = {"train": train}
         for name, levels, stream in (("val", val, streams[0]), ("test", test, streams[1])):
             generator = torch.Generator().manual_seed(int(stream))
-            self.splits[name] = dequantize(levels, self.num_levels, generator)
+            splits[name] = dequantize(levels, self.num_levels, generator)
+        self.check_split_sizes(splits)
+        self.splits = splits
 
     def _loader(self, split: str, batches: Sampler) -> DataLoader:
         return DataLoader(_Points(self.splits[split]), sampler=batches, batch_size=None,
