@@ -8,7 +8,9 @@ import sys
 import time
 
 import torch
+from lightning.fabric.utilities.types import _Stateful
 
+from flows.data.datamodules import ToyDataModule
 from tests.conftest import CLI_ENV, run_cli
 
 # A small i-ResNet with the Hutchinson series log-det: training draws random probes every
@@ -116,3 +118,12 @@ def test_a_named_run_folder_is_never_overwritten(tmp_path):
     assert missing.returncode == 1
     assert "other/checkpoints/last.ckpt is not a file" in missing.stderr
     assert not (tmp_path / "outputs" / "iresnet-moons" / "other").exists()
+
+
+def test_training_loader_declares_itself_resumable_to_lightning():
+    """Lightning warns that a mid-epoch resume is "unreliable" unless every training loader
+    has ``state_dict`` / ``load_state_dict``; ours resumes from the step count (tested above)."""
+    data = ToyDataModule("moons", num_train=1024, num_val=64, num_test=64, batch_size=256)
+    data.setup()
+    assert isinstance(data.train_dataloader(), _Stateful)
+    assert len(list(data.train_dataloader())) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -65,6 +66,27 @@ class TrainBatches(Sampler[Tensor]):
         for step in range(start, len(self)):
             first = (step * world + rank) * self.batch_size
             yield order[first: first + self.batch_size]
+
+
+class StepResumedLoader(DataLoader):
+    """The training ``DataLoader``: its ``TrainBatches`` restart where the trainer's restored
+    step count says, so a run resumed mid-epoch sees the batches an uninterrupted one would.
+
+    ``state_dict`` / ``load_state_dict`` are how Lightning recognises a resumable loader (and
+    stops warning that a mid-epoch resume is unreliable); there is nothing to save beyond the
+    step count the checkpoint already holds.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the batches follow the trainer's step count."""
+
+
+def loader_class(batches: Sampler) -> type[DataLoader]:
+    """``StepResumedLoader`` for ``TrainBatches``, a plain ``DataLoader`` otherwise."""
+    return StepResumedLoader if isinstance(batches, TrainBatches) else DataLoader
 
 
 def validate_points(points: np.ndarray, source: str) -> np.ndarray:
@@ -153,7 +175,8 @@ class PointDataModule(L.LightningDataModule):
         return consumed, trainer.global_rank, trainer.world_size
 
     def _loader(self, split: str, batches: Sampler) -> DataLoader:
-        return DataLoader(_Points(self.splits[split]), sampler=batches, batch_size=None)
+        return loader_class(batches)(_Points(self.splits[split]), sampler=batches,
+                                     batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
         batches = TrainBatches(len(self.splits["train"]), self.batch_size, self.seed,
@@ -325,9 +348,9 @@ class ImageDataModule(PointDataModule):
         self.splits = splits
 
     def _loader(self, split: str, batches: Sampler) -> DataLoader:
-        return DataLoader(_Points(self.splits[split]), sampler=batches, batch_size=None,
-                          num_workers=self.num_workers,
-                          pin_memory=self.pin_memory and torch.cuda.is_available())
+        return loader_class(batches)(_Points(self.splits[split]), sampler=batches,
+                                     batch_size=None, num_workers=self.num_workers,
+                                     pin_memory=self.pin_memory and torch.cuda.is_available())
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
         """Dequantise a training batch of levels on its device: ``(k + u) / L``."""
