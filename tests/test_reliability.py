@@ -57,6 +57,13 @@ def test_skip_mode_skips_and_counts_nonfinite_batches(tmp_path):
     # Forwards 1-4 are finite, every later one NaN: 4 updates, then every batch skipped.
     assert module.skipped_steps > 0 and torch.isfinite(shift.shift).all()
     assert fit.callback_metrics["train/skipped_steps"] == module.skipped_steps
+    # a checkpoint carries the count, so a resumed run goes on counting from it
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = DensityModule(NormalizingFlow(BreaksAfter(calls=4), StandardNormal((2,))),
+                            lambda p: torch.optim.SGD(p, lr=0.01), on_nonfinite="skip")
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.skipped_steps == module.skipped_steps
 
 
 # Checkpoint files ----------------------------------------------------------------------------

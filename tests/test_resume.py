@@ -64,6 +64,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run_bitwise(tmp_pat
     killed, step = start_and_kill_mid_epoch(tmp_path, "killed")
     assert not (killed / "results.json").exists()  # it really died mid-run
     logged_before = logged(killed / "csv" / "version_0" / "metrics.csv")
+    seconds_before = torch.load(killed / "checkpoints" / "last.ckpt",
+                                weights_only=True)["flows"]["fit_seconds"]
     result = run_cli("flows.train", *RUN, "name=killed", "ckpt_path=last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -85,6 +87,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run_bitwise(tmp_pat
     assert results["test_nll"] == expected["test_nll"]
     assert results["val_nll"] == expected["val_nll"]
     assert results["resumed_from"].endswith("last.ckpt")
+    # its wall time counts the segment before the kill too
+    assert 0 < seconds_before < results["wall_s"]
     # Resuming appended to the run folder's logs: the rows from before the kill are still there.
     assert logged(killed / "csv" / "version_0" / "metrics.csv") == logged_before
     resumed = logged(killed / "csv" / "version_1" / "metrics.csv")
