@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import typing
@@ -202,8 +203,19 @@ def _checked_run_dir(parent: str, name: str, ckpt_path: str | None) -> str:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file, then rename)."""
+    """Write ``payload`` to ``path`` atomically (temporary file, then rename), as standard
+    JSON: a NaN or infinite number is written as ``null``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(json.dumps(_finite_or_none(payload), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    return value

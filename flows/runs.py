@@ -74,8 +74,9 @@ def load_run_config(run: Path) -> DictConfig:
     return OmegaConf.load(run / ".hydra" / "config.yaml")
 
 
-def load_flow(checkpoint: Path, cfg: DictConfig) -> NormalizingFlow:
-    """Instantiate ``cfg.model`` and load the checkpoint's weights (``weights_only=True``)."""
+def read_checkpoint(checkpoint: Path) -> dict:
+    """The checkpoint's contents (``weights_only=True``: no code in it runs); a ``ValueError``
+    if it is unreadable or not a Lightning checkpoint."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as error:
@@ -86,6 +87,12 @@ def load_flow(checkpoint: Path, cfg: DictConfig) -> NormalizingFlow:
         ) from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ValueError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict')")
+    return state
+
+
+def load_flow(checkpoint: Path, cfg: DictConfig) -> NormalizingFlow:
+    """Instantiate ``cfg.model`` and load the checkpoint's weights (``weights_only=True``)."""
+    state = read_checkpoint(checkpoint)
     weights = {k.removeprefix("flow."): v for k, v in state["state_dict"].items()}
     check_config_types(cfg.model, "model.")  # the run's config may not instantiate just anything
     flow = instantiate(cfg.model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from flows.cli import check_config_types, resolve_run_dir, user_errors, write_js
 from flows.data.entropy import TOY_ENTROPY
 from flows.lit.module import DensityModule, NonFiniteError
 from flows.metrics import bits_per_dim
+from flows.runs import read_checkpoint
 
 log = logging.getLogger("flows")
 
@@ -31,7 +33,8 @@ OmegaConf.register_new_resolver("flows_run_dir", resolve_run_dir, replace=True)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """``"last"``: the run folder's ``checkpoints/last.ckpt``; a path: that file; must exist."""
+    """``"last"``: the run folder's ``checkpoints/last.ckpt``; a path: that file; must exist
+    and be a readable checkpoint (read safely, before the run folder is kept)."""
     if ckpt_path is None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
@@ -40,6 +43,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
             f"ckpt_path={ckpt_path}: {path} is not a file; give a .ckpt path, or name= the run "
             f"folder to resume with ckpt_path=last"
         )
+    read_checkpoint(path)
     return str(path)
 
 
@@ -71,6 +75,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.on_nonfinite == "skip" and trainer.world_size > 1:
+        raise ValueError(
+            f"on_nonfinite=skip needs a single process: Lightning cannot skip a training step "
+            f"under {trainer.world_size} processes (DDP); use on_nonfinite=stop, which stops "
+            f"with the last good checkpoint"
+        )
     return datamodule, module, trainer
 
 
@@ -122,6 +132,13 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
             entropy, entropy_se = TOY_ENTROPY[name]
             results.update(entropy=entropy, entropy_se=entropy_se,
                            gap=results["test_nll"] - entropy)
+    nonfinite = [key for key in ("val_nll", "test_nll")
+                 if results.get(key) is not None and not math.isfinite(results[key])]
+    if nonfinite:  # e.g. on_nonfinite=skip through a divergence: not a usable model
+        results["status"] = "nonfinite"
+        log.warning("the run's %s is not finite: the model puts zero density on some points "
+                    "(skipped steps: %d); lower the learning rate or clip gradients",
+                    " and ".join(nonfinite), module.skipped_steps)
     write_json(run_dir / "results.json", results)
     log.info("results: %s", results)
     return results

@@ -56,6 +56,34 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+class SteepShift(Bijection):
+    """``x + shift`` with log-det ``3e38 * sum(shift)``: a finite loss at ``shift = 0`` whose
+    gradient is finite in every element but overflows float32 in its total norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x + self.shift[:2], (3e38 * self.shift).sum().expand(x.shape[0])
+
+    def inverse(self, z):
+        return z - self.shift[:2], (-3e38 * self.shift).sum().expand(z.shape[0])
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_gradient_norm_that_overflows_is_caught_like_a_nonfinite_gradient(tmp_path, mode):
+    flow = NormalizingFlow(SteepShift(), StandardNormal((2,)))
+    module = DensityModule(flow, lambda p: torch.optim.SGD(p, lr=0.01), on_nonfinite=mode)
+    fit = trainer(tmp_path, max_steps=3, num_sanity_val_steps=0, limit_val_batches=0)
+    if mode == "stop":
+        with pytest.raises(NonFiniteError, match="every gradient finite but their total norm"):
+            fit.fit(module, small_toy())
+    else:
+        fit.fit(module, small_toy())
+        assert module.skipped_steps > 0 and torch.equal(flow.transform.shift, torch.zeros(4))
+
+
 def test_test_nll_and_standard_error_match_direct_computation(tmp_path):
     flow = NormalizingFlow(ActNorm(2), StandardNormal((2,)))
     module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=1e-2))

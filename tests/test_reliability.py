@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flows.bijections.coupling import AffineCoupling
+from flows.cli import write_json
 from flows.core import Compose, NormalizingFlow, first_nonfinite_bijection
 from flows.diagnostics import reconstruction_error, residual_lipschitz_bounds, saturated_scales
 from flows.distributions import StandardNormal
@@ -130,6 +131,12 @@ def test_malicious_checkpoint_does_not_execute(tmp_path):
         result = run_cli(command, f"ckpt={run}", cwd=tmp_path)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert "truncated, corrupt or not a flows checkpoint" in result.stderr
+    # resuming training from it: refused the same way, before a run folder is kept
+    result = run_cli("flows.train", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                     cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "truncated, corrupt or not a flows checkpoint" in result.stderr
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
     assert not Path("/tmp/flows-pwned").exists()
 
 
@@ -140,6 +147,15 @@ def test_every_load_in_the_code_is_weights_only():
             if pattern.search(line):
                 assert "torch.load(" in line and "weights_only=True" in line, \
                     f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+
+
+def test_results_files_are_standard_json_with_null_for_nonfinite_numbers(tmp_path):
+    write_json(tmp_path / "r.json", {"test_nll": math.inf, "se": math.nan, "ok": 1.5,
+                                     "nested": {"gap": -math.inf, "values": [math.nan, 2.0]}})
+    text = (tmp_path / "r.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text) == {"test_nll": None, "se": None, "ok": 1.5,
+                                "nested": {"gap": None, "values": [None, 2.0]}}
 
 
 def test_run_folder_resolves_to_the_checkpoint_training_tested(tmp_path):

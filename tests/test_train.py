@@ -109,6 +109,8 @@ BAD_INPUT = [
     (["data.batch_size=0"], "data.batch_size=0 and data.eval_batch_size=10000 must both be"),
     (["optim.lr=-0.001"], "optim (torch.optim.Adam): Invalid learning rate: -0.001"),
     (["seed=abc"], "seed='abc'"),
+    (["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "on_nonfinite=skip"],
+     "on_nonfinite=skip needs a single process"),
 ]
 
 

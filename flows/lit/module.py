@@ -162,8 +162,10 @@ class DensityModule(L.LightningModule):
         if not torch.isfinite(norm):
             bad = [name for name, p in self.named_parameters()
                    if p.grad is not None and not torch.isfinite(p.grad).all()]
+            where = (f"in {len(bad)} parameter(s), first {bad[0]}" if bad else
+                     "every gradient finite but their total norm overflows float32")
             self._nonfinite(f"gradient norm became {norm.item()} at step {self.global_step} "
-                            f"with a finite loss, in {len(bad)} parameter(s), first {bad[0]}")
+                            f"with a finite loss, {where}")
             for p in params:  # skip: no update from this batch
                 p.grad = None
             return
