@@ -73,7 +73,8 @@ class DensityModule(L.LightningModule):
         self.seed = seed
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
-        self._seconds_before_fit = 0.0
+        self._seconds_before_fit = 0.0  # from the checkpoint a fit resumed
+        self._fit_start: float | None = None
         self.num_levels = num_levels
         self.num_dims = math.prod(flow.event_shape)
         self.train_bpd_key = "train/bpd_estimate" if has_series_logdet(flow) else "train/bpd"
@@ -90,8 +91,8 @@ class DensityModule(L.LightningModule):
     def fit_seconds(self) -> float:
         """Wall-clock seconds of ``fit`` over the whole run, the segments before a resume
         included (carried in the checkpoint)."""
-        started = getattr(self, "_fit_start", None)
-        return self._seconds_before_fit + (time.perf_counter() - started if started else 0.0)
+        running = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
+        return self._seconds_before_fit + running
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The run's counters a resumed fit continues from."""
