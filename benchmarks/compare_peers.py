@@ -3,6 +3,7 @@
     pip install -e ".[bench]"          # normflows, nflows, zuko, FrEIA (this benchmark only)
     python benchmarks/compare_peers.py [--sections steps memory budget sampling] [--cases ...]
         [--rounds 7] [--steps 20] [--budget-s 60] [--seeds 0 1 2] [--sets moons ...]
+    python benchmarks/compare_peers.py --device cuda --sections steps sampling   # on a GPU
 
 Architectures (``peer_models.py``): case 1, Real NVP 2-D (8 affine couplings, 1-128-128-2
 ReLU conditioners); case 2, i-ResNet 2-D (10 blocks 2-128-128-2 ELU, c = 0.9; exact log-det
@@ -32,6 +33,12 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
   fixed-point iterations over all blocks (flows) and the round-trip error
   ``max |f(f^-1(z)) - z|`` of the samples, each library's own stopping rule.
 
+``--device cuda`` runs the ``steps`` and ``sampling`` sections on a GPU (models and batches
+moved there, timers read after ``torch.cuda.synchronize()``) into ``compare_peers_cuda.json``
+and ``.md``, in full float32 (TF32 off, as flows' commands run; ``--tf32`` turns it on for
+every library); its step table's memory column is the peak CUDA memory that 5 training steps
+allocate above what is allocated before them (``torch.cuda.max_memory_allocated``).
+
 Checks made on each peer are stated in the notes: does its log-density train (gradient
 reaches the weights), is its reported loss the negative log-likelihood, how does it stop
 its inverse.
@@ -46,6 +53,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -54,6 +62,7 @@ import torch
 from peer_models import Candidate, image_candidates, iresnet_candidates, realnvp_candidates
 
 from flows.data.toy import TOY_DATASETS
+from flows.runs import use_tf32
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("steps", "memory", "budget", "budget-decay", "sampling")
@@ -107,26 +116,57 @@ def trainer(candidate: Candidate, lr: float):
     return step
 
 
-def time_steps(case: str, rounds: int, steps: int) -> list[dict]:
-    """Median over rounds of the mean ms per step; every model runs once in each round."""
-    build, data, lr = CASES[case]
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so a host timer measures them (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_on(case: str, device: torch.device) -> tuple[dict[str, Candidate], torch.Tensor]:
+    """The case's candidates (seed 0) and training batch, both moved to ``device``."""
+    build, data, _ = CASES[case]
     torch.manual_seed(0)
-    candidates, x = build(), data()
-    steppers = {name: trainer(c, lr) for name, c in candidates.items()}
+    candidates = build()
+    for candidate in candidates.values():
+        candidate.model.to(device)
+    return candidates, data().to(device)
+
+
+def cuda_peak_mib(step: Callable[[torch.Tensor], None], x: torch.Tensor) -> float:
+    """MiB of CUDA memory that 5 training steps allocate at peak above what they start with."""
+    synchronize(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    for _ in range(5):
+        step(x)
+    synchronize(x.device)
+    return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
+
+
+def time_steps(case: str, rounds: int, steps: int, device: torch.device) -> list[dict]:
+    """Median over rounds of the mean ms per step; every model runs once in each round."""
+    candidates, x = build_on(case, device)
+    steppers = {name: trainer(c, CASES[case][2]) for name, c in candidates.items()}
     for step in steppers.values():  # warm-up, compilation, data-dependent initialisation
         for _ in range(3):
             step(x)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(rounds):
         for name, step in steppers.items():
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
                 step(x)
+            synchronize(device)
             times[name].append(1000 * (time.perf_counter() - start) / steps)
     ms = {name: float(np.median(t)) for name, t in times.items()}
     fastest = min(v for k, v in ms.items() if k.startswith("flows"))
-    return [{"library": name, "ms_per_step": ms[name], "ratio_to_flows": ms[name] / fastest,
+    rows = [{"library": name, "ms_per_step": ms[name], "ratio_to_flows": ms[name] / fastest,
              "note": candidates[name].note} for name in candidates]
+    if device.type == "cuda":
+        for row in rows:
+            row["cuda_peak_mib"] = cuda_peak_mib(steppers[row["library"]], x)
+    return rows
 
 
 def peak_memory_child(case: str, name: str, num_terms: int | None) -> None:
@@ -231,24 +271,26 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
 
 
 @torch.no_grad()
-def sample_rate(candidate: Candidate, n: int) -> dict:
+def sample_rate(candidate: Candidate, n: int, device: torch.device) -> dict:
     """Samples per second (median of 3 draws of ``n``), inverse iterations, round trip."""
     candidate.sample(16)  # warm-up (compilation)
     times = []
     for _ in range(3):
+        synchronize(device)
         start = time.perf_counter()
         candidate.sample(n)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     row = {"samples_per_s": n / float(np.median(times))}
     if candidate.inverse_iterations() is not None:
         row["fixed_point_iterations"] = candidate.inverse_iterations()
     if candidate.round_trip is not None:
-        z = torch.randn(n, *candidate.sample(1).shape[1:])
+        z = torch.randn(n, *candidate.sample(1).shape[1:], device=device)
         row["round_trip_error"] = float((candidate.round_trip(z) - z).abs().max())
     return row
 
 
-def sampling_section(train_s: float) -> dict:
+def sampling_section(train_s: float, device: torch.device) -> dict:
     """Samples per second at temperature 1 of models trained for ``train_s`` seconds.
 
     Trained, because an i-ResNet near its identity initialisation inverts in a step or two;
@@ -257,28 +299,28 @@ def sampling_section(train_s: float) -> dict:
     2-D models train on moons (batches of 512), image models on their one batch of 64.
     """
     report: dict = {}
-    for case, (build, data, lr) in CASES.items():
-        torch.manual_seed(0)
+    for case, (_, _, lr) in CASES.items():
+        candidates, x = build_on(case, device)
         two_d = "2-D" in case
-        train, x = (toy_splits("moons", 0)[0], None) if two_d else (None, data())
+        train = toy_splits("moons", 0)[0].to(device) if two_d else None
         generator = torch.Generator().manual_seed(0)
         n = 10_000 if two_d else 64
         rows = {}
-        for name, candidate in build().items():
+        for name, candidate in candidates.items():
             if any(word in name for word in ("series", "eager", "unbiased", "FrEIA IResNet")):
                 continue  # same inverse as a variant kept, or no inverse of its own
             step, start = trainer(candidate, lr), time.perf_counter()
             while time.perf_counter() - start < train_s:
-                step(x if x is not None else
-                     train[torch.randint(len(train), (512,), generator=generator)])
+                step(train[torch.randint(len(train), (512,), generator=generator)]
+                     if two_d else x)
             candidate.model.eval()  # as a user samples: fixed weights (spectral norms)
-            rows[name] = sample_rate(candidate, n)
+            rows[name] = sample_rate(candidate, n, device)
             print(case, name, rows[name], flush=True)
             if name.startswith("flows exact"):  # at normflows' inverse accuracy too
                 for block in candidate.model.modules():
                     if hasattr(block, "inverse_atol"):
                         block.inverse_atol = block.inverse_rtol = 3e-3
-                rows[name + ", inverse tolerance 3e-3"] = sample_rate(candidate, n)
+                rows[name + ", inverse tolerance 3e-3"] = sample_rate(candidate, n, device)
         report[case] = rows
     return report
 
@@ -294,19 +336,26 @@ def budget_cell(runs: dict) -> str:
     return cell
 
 
-def machine_stamp(threads: int) -> dict:
-    """The date, the CPU model and its measured float32 matmul rate (2048^3, ``threads``)."""
+def machine_stamp(threads: int, device: torch.device) -> dict:
+    """The date, the CPU (or GPU) model and its measured float32 matmul rate (2048^3, with
+    ``threads`` on a CPU, at the run's TF32 setting on a GPU)."""
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor() or platform.machine())
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
     a @ b
+    synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < 1.0:
         a @ b
+        synchronize(device)
         count += 1
     gflops = 2 * 2048**3 * count / (time.perf_counter() - start) / 1e9
-    return {"date": str(date.today()), "cpu": cpu, "threads": threads, "matmul_gflops": gflops}
+    stamp = {"date": str(date.today()), "cpu": cpu, "threads": threads, "matmul_gflops": gflops}
+    if device.type == "cuda":
+        stamp["gpu"] = torch.cuda.get_device_name(device)
+        stamp["tf32"] = torch.backends.cudnn.allow_tf32
+    return stamp
 
 
 def machine_line(report: dict, key: str) -> list[str]:
@@ -314,11 +363,15 @@ def machine_line(report: dict, key: str) -> list[str]:
     stamp = report.get("machines", {}).get(key)
     if stamp is None:
         return ["Machine not recorded (measured before machines were recorded per section).", ""]
+    if "gpu" in stamp:
+        return [f"Measured {stamp['date']} on one {stamp['gpu']} (host {stamp['cpu']}), "
+                f"TF32 {'on' if stamp.get('tf32') else 'off'}, float32 matmul "
+                f"{stamp['matmul_gflops'] / 1000:.1f} TFLOP/s (2048^3).", ""]
     return [f"Measured {stamp['date']} on {stamp['cpu']}, {stamp['threads']} torch threads, "
             f"float32 matmul {stamp['matmul_gflops']:.0f} GFLOP/s (2048^3).", ""]
 
 
-def write_markdown(report: dict, args: argparse.Namespace) -> None:
+def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     lines = [f"# flows against peer libraries ({date.today()})", "",
              f"torch {torch.__version__}; `python benchmarks/compare_peers.py` (sections as "
              f"below; the method is in the script's docstring). Compare ratios within a table: "
@@ -329,7 +382,8 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
                   "peak memory added (MiB) | note |", "|---|---|---|---|---|"]
         memory = report.get("memory", {}).get(case, {})
         for r in rows:
-            mib = f"{memory[r['library']]:.0f}" if r["library"] in memory else ""
+            mib = memory.get(r["library"], r.get("cuda_peak_mib"))
+            mib = "" if mib is None else f"{mib:.0f}"
             lines.append(f"| {r['library']} | {r['ms_per_step']:.1f} | "
                          f"{r['ratio_to_flows']:.2f} | {mib} | {r['note']} |")
         lines.append("")
@@ -374,7 +428,7 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
                 lines.append(f"| {case} | {name} | {r['samples_per_s']:,.0f} | "
                              f"{r.get('fixed_point_iterations', '')} | {error} |")
         lines.append("")
-    (RESULTS / "compare_peers.md").write_text("\n".join(lines))
+    path.write_text("\n".join(lines))
 
 
 def main() -> None:
@@ -390,22 +444,33 @@ def main() -> None:
                         help="budget sections: the toy sets to train on (the others' cells stay)")
     parser.add_argument("--sampling-train-s", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
+                        help="cuda: the steps and sampling sections on a GPU, into "
+                             "compare_peers_cuda.{json,md}")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 matmuls and convolutions on NVIDIA GPUs (default: off)")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "NAME"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--num-terms", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    use_tf32(args.tf32)
     if args.memory_child:
         peak_memory_child(*args.memory_child, args.num_terms)
         return
-    path = RESULTS / "compare_peers.json"
+    if args.device.type != "cpu" and not set(args.sections) <= {"steps", "sampling"}:
+        parser.error(f"--device {args.device} runs only the steps and sampling sections; "
+                     f"run memory and budget on the CPU")
+    stem = "compare_peers" + ("" if args.device.type == "cpu" else f"_{args.device.type}")
+    path = RESULTS / f"{stem}.json"
     report = json.loads(path.read_text()) if path.exists() else {}
     RESULTS.mkdir(exist_ok=True)
-    stamp = machine_stamp(args.threads)
+    stamp = machine_stamp(args.threads, args.device)
     for section in args.sections:
         if section == "steps":
             report["steps"] = report.get("steps", {}) | {
-                case: time_steps(case, args.rounds, args.steps) for case in args.cases}
+                case: time_steps(case, args.rounds, args.steps, args.device)
+                for case in args.cases}
         elif section == "memory":
             report["memory"] = memory_section()
         elif section.startswith("budget"):
@@ -420,11 +485,12 @@ def main() -> None:
             report[section] = {"budget_s": args.budget_s, "seeds": args.seeds, "nll": nll}
         else:
             report["sampling"] = {"train_s": args.sampling_train_s,
-                                  "rates": sampling_section(args.sampling_train_s)}
+                                  "rates": sampling_section(args.sampling_train_s,
+                                                            args.device)}
         keys = [f"steps/{case}" for case in args.cases] if section == "steps" else [section]
         report.setdefault("machines", {}).update(dict.fromkeys(keys, stamp))
         path.write_text(json.dumps(report, indent=2) + "\n")
-        write_markdown(report, args)
+        write_markdown(report, args, RESULTS / f"{stem}.md")
 
 
 if __name__ == "__main__":

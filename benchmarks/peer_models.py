@@ -54,7 +54,9 @@ def _freia(inn: nn.Module, features: int, note: str) -> Candidate:
         return -0.5 * z.pow(2).sum(1) - 0.5 * features * LOG_2PI + log_jac
 
     def sample(n: int) -> Tensor:
-        return inn(torch.randn(n, features), rev=True)[0]
+        anchor = next(inn.parameters())
+        return inn(torch.randn(n, features, device=anchor.device, dtype=anchor.dtype),
+                   rev=True)[0]
     return Candidate(log_prob, inn, sample, note)
 
 

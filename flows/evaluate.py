@@ -36,12 +36,13 @@ from flows.evaluation import (
     truncation_bias_bound,
 )
 from flows.metrics import bits_per_dim, bits_per_dim_scale, nll_with_standard_error
-from flows.runs import load_trained
+from flows.runs import load_trained, use_tf32
 
 log = logging.getLogger("flows")
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    use_tf32(cfg.tf32)
     flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
     bounds = residual_lipschitz_bounds(flow)
     broken = {name: round(bound, 4) for name, bound in bounds.items() if bound >= 1.0}

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from flows.cli import user_errors
 from flows.plots import image_grid, plot_image_grids, plot_samples
-from flows.runs import load_trained
+from flows.runs import load_trained, use_tf32
 
 log = logging.getLogger("flows")
 
@@ -28,6 +28,7 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.n < 1 or cfg.temperature <= 0:
         raise ValueError(f"need n >= 1 and temperature > 0, got n={cfg.n}, "
                          f"temperature={cfg.temperature}")
+    use_tf32(cfg.tf32)
     flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
     torch.manual_seed(cfg.seed)
     with torch.no_grad():

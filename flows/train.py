@@ -24,7 +24,7 @@ from flows.cli import check_config_types, resolve_run_dir, user_errors, write_js
 from flows.data.entropy import TOY_ENTROPY
 from flows.lit.module import DensityModule, NonFiniteError
 from flows.metrics import bits_per_dim
-from flows.runs import read_checkpoint
+from flows.runs import read_checkpoint, use_tf32
 
 log = logging.getLogger("flows")
 
@@ -51,6 +51,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
     """Data (validated), the system and the trainer, before anything is written."""
     check_config_types(cfg)  # a seed that is not an int fails here, through data.seed
     L.seed_everything(cfg.seed, workers=True)
+    use_tf32(cfg.tf32)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     flow = instantiate(cfg.model)

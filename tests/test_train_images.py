@@ -68,6 +68,22 @@ def test_image_grid_cadence_survives_a_resume(image_run):
     assert drawn == ["step_000030"]
 
 
+def test_an_epoch_budget_ends_with_a_validation(tmp_path):
+    """Image configs validate every val_check_interval steps, not at epoch ends; the last
+    batch of ``trainer.max_epochs`` is validated all the same, so the final weights are a
+    best-checkpoint candidate and the run reports validation bits/dim (it had none)."""
+    run = tmp_path / "run"
+    overrides = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.val_check"))]
+    result = run_cli("flows.train", "model=realnvp", *overrides, *SMALL["realnvp"],
+                     "trainer.max_epochs=1", "trainer.val_check_interval=250",
+                     f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    # 1,350 training digits at batch 64: one epoch is 21 full batches (the rest is dropped)
+    assert results["status"] == "finished" and results["train_steps"] == 21
+    assert "val_bpd" in results and "best-000021-" in results["best_ckpt"]
+
+
 @pytest.mark.parametrize(("event_shape", "checked"), [((1, 4, 4), 3), ((2,), 5)])
 def test_diagnostics_reconstruct_fewer_images_than_points(monkeypatch, event_shape, checked):
     flow = torch.nn.Module()  # the callback reads only the flow's event shape and modules

@@ -130,6 +130,15 @@ def logdet_power_series(
     return gx[:batch], estimate.view(num_probes, batch)
 
 
+def _tf32_hint(z: Tensor) -> str:
+    """What to add to a non-convergence warning when TF32 rounds g on this GPU."""
+    if z.is_cuda and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
+        return ("; on this GPU, TF32 matmuls/convolutions round g to ~1e-3 relative: set "
+                "torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = "
+                "False (flows' commands do, unless tf32=true)")
+    return ""
+
+
 class ResidualBlock(Bijection):
     """``z = x + g(x)`` with ``Lip(g) < 1``; ``log|det dz/dx| = log det(I + J_g(x))``, ``(B,)``.
 
@@ -286,7 +295,7 @@ class ResidualBlock(Bijection):
                 f"after {iterations} fixed-point iterations (atol={self.inverse_atol}, "
                 f"rtol={self.inverse_rtol}); Lip(g) may be close to 1 (run the power iteration "
                 f"to convergence, lower the Lipschitz coefficient) or raise "
-                f"inverse_max_iterations",
+                f"inverse_max_iterations{_tf32_hint(z)}",
                 RuntimeWarning,
                 stacklevel=2,
             )

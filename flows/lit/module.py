@@ -44,8 +44,9 @@ class DensityModule(L.LightningModule):
     NaNs into the weights; with ``"skip"`` the batch is skipped (no update) and counted in
     ``skipped_steps`` (logged as ``train/skipped_steps``).
 
-    The last step (``trainer.max_steps``) is always followed by a validation, wherever it
-    falls between ``val_check_interval`` steps or epoch ends.
+    The last step (``trainer.max_steps``, or the last batch of ``trainer.max_epochs``) is
+    always followed by a validation, wherever it falls between ``val_check_interval`` steps
+    or epoch ends.
 
     Every training step first reseeds torch's global generator (on an accelerator, its
     generators too) from ``(seed, step, rank)`` (``step_seed``), so the randomness drawn
@@ -115,8 +116,11 @@ class DensityModule(L.LightningModule):
         # Lightning validates every val_check_interval steps or at epoch ends, so a max_steps
         # between them would leave the final weights unvalidated and never a candidate for
         # the best checkpoint (what testing uses). Asking it to stop at the last step makes
-        # it validate there.
-        if 0 < self.trainer.max_steps <= self.global_step:
+        # it validate there; the same for the last batch of the last epoch (image configs
+        # validate every val_check_interval steps, not at epoch ends).
+        last_epoch = 0 < (self.trainer.max_epochs or 0) <= self.current_epoch + 1
+        if (0 < self.trainer.max_steps <= self.global_step
+                or last_epoch and batch_idx + 1 >= self.trainer.num_training_batches):
             self.trainer.should_stop = True
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
