@@ -277,7 +277,7 @@ def test_stale_power_iteration_is_corrected_at_load_and_evaluate_guards_contract
     from flows import evaluate as evaluate_module
     monkeypatch.setattr(evaluate_module, "residual_lipschitz_bounds",
                         lambda flow: {"transform.bijections.0": 1.5})
-    cfg = OmegaConf.create({"ckpt": str(path), "device": "cpu", "force": False,
+    cfg = OmegaConf.create({"ckpt": str(path), "device": "cpu", "force": False, "tf32": False,
                             "split": "test", "batch_size": 1000, "out": str(tmp_path / "f.json"),
                             "max_bias": 1e-4, "max_se": 1e-3, "min_passes": 2,
                             "max_passes": 3, "exact_logdet_max_dims": 0})
