@@ -43,6 +43,10 @@ def test_actnorm_data_dependent_init_standardises_and_survives_reload():
     reloaded.load_state_dict(layer.state_dict())
     reloaded.train()(x + 100.0)  # a second training batch must not re-initialise
     torch.testing.assert_close(reloaded.shift, layer.shift)
+    # and an uninitialised state loaded into an initialised layer initialises at the next batch
+    layer.load_state_dict(ActNorm(2).state_dict())
+    layer(x + 100.0)
+    torch.testing.assert_close(layer.shift, x.mean(0) + 100.0)
 
 
 def test_actnorm_feature_without_spread_keeps_unit_scale():

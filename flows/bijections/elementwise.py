@@ -43,7 +43,7 @@ class Logit(Bijection):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         low, high = torch.aminmax(x.detach())
-        if low < 0 or high > 1:
+        if bool((low < 0) | (high > 1)):  # one host sync a call
             raise ValueError(
                 f"image values must lie in [0, 1] (dequantised levels / num_levels), got values "
                 f"in [{float(low):.4g}, {float(high):.4g}]; scale the data to [0, 1) first"

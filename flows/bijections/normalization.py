@@ -53,7 +53,9 @@ class ActNorm(Bijection):
     ``log_scale`` to the batch mean and log-std per feature, so that batch comes out with
     zero mean and unit variance. Under ``torch.distributed`` the statistics are averaged over
     the ranks' batches (assumed of equal size), so every rank starts from the same values. The
-    ``initialized`` buffer is saved in checkpoints, so a reloaded model is not re-initialised.
+    ``initialized`` buffer is saved in checkpoints, so a reloaded model is not re-initialised;
+    forwards read its host copy ``needs_initialization`` (reading the buffer would make the
+    host wait for a GPU in every training forward of every ActNorm).
     A feature with ``std <= eps`` in that batch (constant, or a batch of one vector) keeps
     ``log_scale = 0``: scaling it by ``1 / std`` would blow it up.
 
@@ -67,6 +69,11 @@ class ActNorm(Bijection):
         self.shift = nn.Parameter(torch.zeros(num_features))
         self.log_scale = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("initialized", torch.tensor(False))
+        self.needs_initialization = True
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.needs_initialization = not bool(self.initialized)
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
@@ -82,9 +89,10 @@ class ActNorm(Bijection):
         # A feature without spread (constant, or a batch of one vector) keeps scale 1.
         self.log_scale.copy_(torch.where(std > self.eps, torch.log(std + self.eps), 0.0))
         self.initialized.fill_(True)
+        self.needs_initialization = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not self.initialized:
+        if self.training and self.needs_initialization:
             self._initialize(x)
         return actnorm(x, self.shift, self.log_scale)
 
