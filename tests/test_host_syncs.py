@@ -56,3 +56,31 @@ def test_image_models_sync_once_for_the_input_check(model):
     flow = instantiate(cfg.model)
     x = torch.rand(16, 1, 8, 8)
     assert host_reads_in_a_training_step(flow, x) == 1
+
+
+def test_the_training_loop_reads_two_values_a_step(tmp_path):
+    """Lightning's loop around the step adds two reads: the loss's and the gradient norm's
+    finiteness checks (the norm is read once for its check, its log and clipping)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from flows.train import build
+
+    reads = {}
+    for steps in (10, 30):
+        cfg = compose_train("data=moons", "data.num_train=20000", "data.num_val=512",
+                            "data.num_test=512", f"trainer.max_steps={steps}",
+                            "trainer.check_val_every_n_epoch=1000", "callbacks=none",
+                            "logger=csv", "trainer.num_sanity_val_steps=0",
+                            "trainer.enable_progress_bar=false",
+                            "+trainer.enable_checkpointing=false")
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path / str(steps))
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra
+        datamodule, module, trainer = build(cfg)
+        with HostReads() as counter:
+            trainer.fit(module, datamodule=datamodule)
+        reads[steps] = counter.count
+    assert (reads[30] - reads[10]) / 20 == 2

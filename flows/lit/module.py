@@ -164,12 +164,13 @@ class DensityModule(L.LightningModule):
         """
         params = [p for p in self._parameter_list if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(norm):
+        norm_value = float(norm)  # the step's one host read of it (a GPU sync)
+        if not math.isfinite(norm_value):
             bad = [name for name, p in self.named_parameters()
                    if p.grad is not None and not torch.isfinite(p.grad).all()]
             where = (f"in {len(bad)} parameter(s), first {bad[0]}" if bad else
                      "every gradient finite but their total norm overflows float32")
-            self._nonfinite(f"gradient norm became {norm.item()} at step {self.global_step} "
+            self._nonfinite(f"gradient norm became {norm_value} at step {self.global_step} "
                             f"with a finite loss, {where}")
             for p in params:  # skip: no update from this batch
                 p.grad = None
@@ -179,7 +180,7 @@ class DensityModule(L.LightningModule):
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm in (None, "norm"):
-            if norm > gradient_clip_val:  # below it the scale is 1: nothing to multiply
+            if norm_value > gradient_clip_val:  # below it the scale is 1: nothing to multiply
                 torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
