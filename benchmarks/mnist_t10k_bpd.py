@@ -93,9 +93,7 @@ def run(model: str, steps: int, seed: int, root: Path, extra: list[str]) -> dict
     results = json.loads((folder / "results.json").read_text())
     if results["status"] != "finished" or "val_bpd" not in results:
         sys.exit(f"{folder}: no finished, validated run: {results}")
-    device = "cpu"
-    if any(a in ("trainer=gpu", "trainer.accelerator=gpu") for a in extra):
-        device = torch.cuda.get_device_name()
+    device = results.get("device", "cpu")  # results.json records it since 2026-11-24
     return {"model": model, "extra": extra, "seed": seed, "device": device,
             "torch": torch.__version__,
             "steps": results["train_steps"],

@@ -42,7 +42,7 @@ log = logging.getLogger("flows")
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    use_tf32(cfg.tf32)
+    use_tf32(cfg.get("tf32", False))
     flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
     bounds = residual_lipschitz_bounds(flow)
     broken = {name: round(bound, 4) for name, bound in bounds.items() if bound >= 1.0}

@@ -28,7 +28,7 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.n < 1 or cfg.temperature <= 0:
         raise ValueError(f"need n >= 1 and temperature > 0, got n={cfg.n}, "
                          f"temperature={cfg.temperature}")
-    use_tf32(cfg.tf32)
+    use_tf32(cfg.get("tf32", False))
     flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
     torch.manual_seed(cfg.seed)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from flows.cli import check_config_types, resolve_run_dir, user_errors, write_js
 from flows.data.entropy import TOY_ENTROPY
 from flows.lit.module import DensityModule, NonFiniteError
 from flows.metrics import bits_per_dim
-from flows.runs import read_checkpoint, use_tf32
+from flows.runs import device_name, read_checkpoint, use_tf32
 
 log = logging.getLogger("flows")
 
@@ -93,6 +93,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
         "data": choices.get("data"),
         "seed": cfg.seed,
         "num_params": sum(p.numel() for p in module.flow.parameters()),
+        "device": device_name(trainer.strategy.root_device),
     }
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

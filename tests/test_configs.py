@@ -110,19 +110,26 @@ def test_unknown_option_lists_the_valid_ones(override):
 def test_commands_run_in_full_float32_unless_tf32_is_asked(tmp_path):
     """torch lets cuDNN convolutions use TF32 by default; flows' commands turn it off (an
     i-ResNet's fixed-point inverse needs full float32) unless ``tf32=true``."""
+    from flows.runs import use_tf32
     from flows.train import build
 
-    for tf32 in (False, True, False):
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not tf32
-        cfg = small_data(compose_train("data=moons", f"tf32={tf32}"))
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg.hydra  # as the command's task function gets it
-        build(cfg)
-        assert torch.backends.cudnn.allow_tf32 is tf32
-        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in (False, True, False):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not tf32
+            cfg = small_data(compose_train("data=moons", f"tf32={tf32}"))
+            with open_dict(cfg):
+                cfg.hydra.runtime.output_dir = str(tmp_path)
+            HydraConfig.instance().set_config(cfg)
+            with open_dict(cfg):
+                del cfg.hydra  # as the command's task function gets it
+            build(cfg)
+            assert torch.backends.cudnn.allow_tf32 is tf32
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32
+        with pytest.raises(ValueError, match="tf32=1: use tf32=true or tf32=false"):
+            use_tf32(1)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     for name in ("evaluate", "sample"):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             assert compose(name, overrides=["ckpt=x"]).tf32 is False

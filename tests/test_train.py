@@ -277,7 +277,9 @@ def test_stale_power_iteration_is_corrected_at_load_and_evaluate_guards_contract
     from flows import evaluate as evaluate_module
     monkeypatch.setattr(evaluate_module, "residual_lipschitz_bounds",
                         lambda flow: {"transform.bijections.0": 1.5})
-    cfg = OmegaConf.create({"ckpt": str(path), "device": "cpu", "force": False, "tf32": False,
+    asked = []
+    monkeypatch.setattr(evaluate_module, "use_tf32", asked.append)
+    cfg = OmegaConf.create({"ckpt": str(path), "device": "cpu", "force": False, "tf32": True,
                             "split": "test", "batch_size": 1000, "out": str(tmp_path / "f.json"),
                             "max_bias": 1e-4, "max_se": 1e-3, "min_passes": 2,
                             "max_passes": 3, "exact_logdet_max_dims": 0})
@@ -286,3 +288,4 @@ def test_stale_power_iteration_is_corrected_at_load_and_evaluate_guards_contract
     cfg.force = True
     forced = evaluate_module.evaluate(cfg)
     assert forced["forced"] and forced["max_lipschitz_bound"] == 1.5
+    assert asked == [True, True]  # the config's tf32, set before anything runs

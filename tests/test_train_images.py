@@ -37,6 +37,7 @@ def test_image_run_reports_bits_per_dim_and_draws_grids(image_run):
     model, run = image_run
     results = json.loads((run / "results.json").read_text())
     assert results["num_test"] == 297 and results["train_steps"] == 20
+    assert results["device"] == "cpu"
     # bpd and nats are one formula apart: bpd = (nll + D ln 17) / (D ln 2), D = 64
     expected = (results["test_nll"] + 64 * math.log(17)) / (64 * math.log(2))
     assert results["test_bpd"] == pytest.approx(expected)
