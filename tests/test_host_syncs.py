@@ -68,7 +68,7 @@ def test_the_training_loop_reads_two_values_a_step(tmp_path):
 
     reads = {}
     for steps in (10, 30):
-        cfg = compose_train("data=moons", "data.num_train=20000", "data.num_val=512",
+        cfg = compose_train("data=moons", "data.num_train=30000", "data.num_val=512",
                             "data.num_test=512", f"trainer.max_steps={steps}",
                             "trainer.check_val_every_n_epoch=1000", "callbacks=none",
                             "logger=csv", "trainer.num_sanity_val_steps=0",
