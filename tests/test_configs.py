@@ -34,6 +34,20 @@ def small_data(cfg):
     return cfg
 
 
+def build_from(output_dir, *overrides: str):
+    """``flows.train.build`` of the composed config, as the command's task function gets it
+    (Hydra's runtime set, its own node removed)."""
+    from flows.train import build
+
+    cfg = compose_train(*overrides)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return build(cfg)
+
+
 def test_all_groups_have_options():
     assert {"realnvp", "iresnet", "glow", "nice"} == set(MODELS)
     assert set(VECTOR_MODELS) == {"realnvp", "nice", "iresnet"}
@@ -111,19 +125,13 @@ def test_commands_run_in_full_float32_unless_tf32_is_asked(tmp_path):
     """torch lets cuDNN convolutions use TF32 by default; flows' commands turn it off (an
     i-ResNet's fixed-point inverse needs full float32) unless ``tf32=true``."""
     from flows.runs import use_tf32
-    from flows.train import build
 
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         for tf32 in (False, True, False):
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not tf32
-            cfg = small_data(compose_train("data=moons", f"tf32={tf32}"))
-            with open_dict(cfg):
-                cfg.hydra.runtime.output_dir = str(tmp_path)
-            HydraConfig.instance().set_config(cfg)
-            with open_dict(cfg):
-                del cfg.hydra  # as the command's task function gets it
-            build(cfg)
+            build_from(tmp_path, "data=moons", "data.num_train=256", "data.num_val=64",
+                       "data.num_test=64", "data.batch_size=256", f"tf32={tf32}")
             assert torch.backends.cudnn.allow_tf32 is tf32
             assert torch.backends.cuda.matmul.allow_tf32 is tf32
         with pytest.raises(ValueError, match="tf32=1: use tf32=true or tf32=false"):

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.test_configs import compose_train
+from tests.test_configs import build_from, compose_train
 
 
 class HostReads(TorchDispatchMode):
@@ -61,25 +61,14 @@ def test_image_models_sync_once_for_the_input_check(model):
 def test_the_training_loop_reads_two_values_a_step(tmp_path):
     """Lightning's loop around the step adds two reads: the loss's and the gradient norm's
     finiteness checks (the norm is read once for its check, its log and clipping)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from flows.train import build
-
     reads = {}
     for steps in (10, 30):
-        cfg = compose_train("data=moons", "data.num_train=30000", "data.num_val=512",
-                            "data.num_test=512", f"trainer.max_steps={steps}",
-                            "trainer.check_val_every_n_epoch=1000", "callbacks=none",
-                            "logger=csv", "trainer.num_sanity_val_steps=0",
-                            "trainer.enable_progress_bar=false",
-                            "+trainer.enable_checkpointing=false")
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path / str(steps))
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg.hydra
-        datamodule, module, trainer = build(cfg)
+        datamodule, module, trainer = build_from(
+            tmp_path / str(steps), "data=moons", "data.num_train=30000", "data.num_val=512",
+            "data.num_test=512", f"trainer.max_steps={steps}", "callbacks=none",
+            "trainer.check_val_every_n_epoch=1000", "logger=csv",
+            "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+            "+trainer.enable_checkpointing=false")
         with HostReads() as counter:
             trainer.fit(module, datamodule=datamodule)
         reads[steps] = counter.count
