@@ -107,20 +107,39 @@ class ValidationSteps(L.Callback):
         self.steps.append(trainer.global_step)
 
 
-@pytest.mark.parametrize(("max_steps", "interval", "validated"),
-                         [(12, 5, [5, 10, 12]), (10, 5, [5, 10]), (3, None, [3])])
-def test_the_last_step_is_always_validated(tmp_path, max_steps, interval, validated):
-    """Every ``interval`` steps (or every 8-batch epoch), and at ``max_steps`` once."""
+class StopAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
+
+
+@pytest.mark.parametrize(("budget", "validation", "validated"), [
+    ({"max_steps": 12}, {"val_check_interval": 5, "check_val_every_n_epoch": None},
+     [5, 10, 12]),
+    ({"max_steps": 10}, {"val_check_interval": 5, "check_val_every_n_epoch": None}, [5, 10]),
+    ({"max_steps": 3}, {}, [3]),
+    # every 2nd 8-batch epoch, ending inside the 3rd epoch or after it
+    ({"max_steps": 20}, {"check_val_every_n_epoch": 2}, [16, 20]),
+    ({"max_epochs": 3}, {"check_val_every_n_epoch": 2}, [16, 24]),
+    # a callback stops training at step 3, as max_time's Timer or early stopping do
+    ({"max_steps": 100, "callbacks": [StopAt(3)]}, {"check_val_every_n_epoch": 2}, [3]),
+])
+def test_the_last_step_is_always_validated(tmp_path, budget, validation, validated):
+    """Every ``val_check_interval`` steps or ``check_val_every_n_epoch`` epochs of 8 batches,
+    and once at the last step, wherever it falls."""
     flow = NormalizingFlow(ActNorm(2), StandardNormal((2,)))
     module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=1e-2))
     seen = ValidationSteps()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/nll", save_top_k=-1,
                                   filename="{step}")
-    epochs = {"check_val_every_n_epoch": None} if interval else {}
-    trainer(tmp_path, max_steps=max_steps, val_check_interval=interval, num_sanity_val_steps=0,
-            callbacks=[seen, checkpoints], **epochs).fit(module, small_toy())
+    budget = dict(budget)  # the parameter is shared: take the callbacks off a copy
+    callbacks = [seen, checkpoints, *budget.pop("callbacks", [])]
+    trainer(tmp_path, num_sanity_val_steps=0, callbacks=callbacks, **budget,
+            **validation).fit(module, small_toy())
     assert seen.steps == validated
-    assert f"step={max_steps}.ckpt" in {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert f"step={validated[-1]}.ckpt" in {p.name for p in (tmp_path / "ckpt").iterdir()}
 
 
 def test_a_gradient_under_the_clipping_norm_is_applied_whole(tmp_path):

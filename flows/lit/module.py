@@ -44,9 +44,10 @@ class DensityModule(L.LightningModule):
     NaNs into the weights; with ``"skip"`` the batch is skipped (no update) and counted in
     ``skipped_steps`` (logged as ``train/skipped_steps``).
 
-    The last step (``trainer.max_steps``, or the last batch of ``trainer.max_epochs``) is
-    always followed by a validation, wherever it falls between ``val_check_interval`` steps
-    or epoch ends.
+    The last step (``trainer.max_steps``, the last batch of ``trainer.max_epochs``, or any
+    step where training is asked to stop, as ``max_time`` does) is always followed by a
+    validation, wherever it falls between ``val_check_interval`` steps, epoch ends or the
+    epochs ``check_val_every_n_epoch`` selects.
 
     Every training step first reseeds torch's global generator (on an accelerator, its
     generators too) from ``(seed, step, rank)`` (``step_seed``), so the randomness drawn
@@ -118,10 +119,16 @@ class DensityModule(L.LightningModule):
         # the best checkpoint (what testing uses). Asking it to stop at the last step makes
         # it validate there; the same for the last batch of the last epoch (image configs
         # validate every val_check_interval steps, not at epoch ends).
-        last_epoch = 0 < (self.trainer.max_epochs or 0) <= self.current_epoch + 1
-        if (0 < self.trainer.max_steps <= self.global_step
-                or last_epoch and batch_idx + 1 >= self.trainer.num_training_batches):
-            self.trainer.should_stop = True
+        trainer = self.trainer
+        last_epoch = 0 < (trainer.max_epochs or 0) <= self.current_epoch + 1
+        if (0 < trainer.max_steps <= self.global_step
+                or last_epoch and batch_idx + 1 >= trainer.num_training_batches):
+            trainer.should_stop = True
+        # Lightning validates a stopping step (ours, max_time's, early stopping's) only in an
+        # epoch that check_val_every_n_epoch selects; lifting it for this step validates the
+        # final weights whichever epoch the run ends in.
+        if trainer.should_stop:
+            trainer.check_val_every_n_epoch = None
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
         loss = -self.flow.log_prob(batch).mean()
