@@ -7,10 +7,11 @@
 
 Architectures (``peer_models.py``): case 1, Real NVP 2-D (8 affine couplings, 1-128-128-2
 ReLU conditioners); case 2, i-ResNet 2-D (10 blocks 2-128-128-2 ELU, c = 0.9; exact log-det
-and 5-term series with one probe); case 3, flows' default image models and normflows' Glow
-(2 levels x 8 blocks, 64 channels) at 1x8x8 (digits) and 1x28x28, batch 64. 2-D batches are
-512 points of moons; Adam 1e-3 everywhere (1e-4 for images), torch's fused implementation
-for every library (flows' configs use it).
+and 5-term series with one probe); case 3, flows' default image models, normflows' Glow
+(2 levels x 8 blocks, 64 channels) and normflows' residual flow in the shape of flows' default
+i-ResNet (2 scales x 6 blocks, 32 channels) at 1x8x8 (digits) and 1x28x28, batch 64. 2-D
+batches are 512 points of moons; Adam 1e-3 everywhere (1e-4 for images), torch's fused
+implementation for every library (flows' configs use it).
 
 Sections, each written into ``benchmarks/results/compare_peers.json`` (merged, so sections can
 run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
