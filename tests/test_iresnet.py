@@ -1,7 +1,9 @@
 """i-ResNet: spectral norm, Lipschitz MLP, residual block and model, against mathematics."""
 
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from flows.nn.lipschitz import (
     spectral_norm_,
     spectral_norms,
 )
+from flows.nn.lipschitz_conv import LipschitzConvNet
 from flows.nn.mlp_jacobian import logdet_exact
 from tests.checks import assert_same_training_results, check_bijection, perturb_
 
@@ -226,8 +229,20 @@ def test_backprop_series_gradient_matches_explicit_estimate():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=5e-9)
 
 
+class AutogradOnly(torch.nn.Module):
+    """``g`` without ``forward_with_series_logdet``: the block takes autograd's VJPs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("gradient", ["neumann", "neumann_in_forward"])
 @pytest.mark.parametrize("num_terms", [1, 2])
-def test_neumann_series_gradient_is_unbiased_for_the_truncated_series(num_terms):
+def test_neumann_series_gradient_is_unbiased_for_the_truncated_series(num_terms, gradient):
     """Mean Neumann gradient (params and x) = gradient of sum_k (-1)^(k+1) tr(J^k) / k.
 
     The target is computed from the materialised float64 Jacobian; the Monte Carlo mean over
@@ -242,7 +257,10 @@ def test_neumann_series_gradient_is_unbiased_for_the_truncated_series(num_terms)
             if "bias" in name:
                 param.add_(2.0)
     power_iterate_(net, rtol=1e-13)
-    block = ResidualBlock(net, logdet="series", num_terms=num_terms, num_probes=50).train()
+    # neumann_in_forward takes autograd's products: the MLP without its hand-written ones
+    g = net if gradient == "neumann" else AutogradOnly(net)
+    block = ResidualBlock(g, logdet="series", num_terms=num_terms, num_probes=50,
+                          series_gradient=gradient).train()
     params = [p for name, p in net.named_parameters() if name != "linears.2.bias"]
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(0)
@@ -265,17 +283,6 @@ def test_neumann_series_gradient_is_unbiased_for_the_truncated_series(num_terms)
     assert ((grads.mean(0) - expected_grad).abs() <= 4.5 * grad_se + 1e-12).all()
     # power: the standard errors are small against the gradient being checked
     assert grad_se.max() < 0.05 * expected_grad.abs().max()
-
-
-class AutogradOnly(torch.nn.Module):
-    """``g`` without ``forward_with_series_logdet``: the block takes autograd's VJPs."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
 
 
 @pytest.mark.parametrize("gradient", ["neumann", "backprop"])
@@ -338,6 +345,77 @@ def test_neumann_series_graph_does_not_grow_with_the_number_of_terms():
             sizes[gradient, num_terms] = saved_tensor_bytes(block, x)
     assert sizes["neumann", 2] == sizes["neumann", 12]
     assert sizes["backprop", 12] > 3 * sizes["backprop", 2]  # backprop's graph grows
+
+
+def conv_flow(gradient):
+    """Two conv residual blocks with an ActNorm between (float64, perturbed weights)."""
+    torch.manual_seed(0)
+    blocks = [ResidualBlock(perturb_(LipschitzConvNet((2, 4, 4), 6, coeff=0.9)),
+                            logdet="series", num_terms=4, num_probes=2,
+                            series_gradient=gradient) for _ in range(2)]
+    return Compose(blocks[0], perturb_(ActNorm(2)), blocks[1]).double().train()
+
+
+def test_neumann_in_forward_gives_the_neumann_gradient_of_a_mean_nll():
+    """Gradients taken in the forward pass, scaled in the backward: for a mean NLL the same
+    value and the same gradients in x and every parameter as the Neumann surrogate's graph
+    (same probes), through two blocks, so the second block's gradient reaches the first."""
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    results = []
+    for gradient in ("neumann", "neumann_in_forward"):
+        flow = conv_flow(gradient)
+        torch.manual_seed(1)
+        z, logdet = flow(x)
+        nll = (0.5 * z.pow(2).flatten(1).sum(1) - logdet).mean()
+        results.append((logdet, torch.autograd.grad(nll, [x, *flow.parameters()])))
+    (logdet, grads), (logdet_ref, grads_ref) = results[1], results[0]
+    torch.testing.assert_close(logdet, logdet_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+class Saved:
+    """A tensor saved for backward, as the graph holds it (weak-referenceable)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def retained_saved_bytes(module, x):
+    """Bytes of the saved tensors that the graph of ``module(x)`` still holds once the forward
+    returns (graphs built and dropped inside the forward are not counted)."""
+    refs = []
+
+    def pack(tensor):
+        saved = Saved(tensor)
+        refs.append(weakref.ref(saved))
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
+        output = module(x)
+    gc.collect()
+    alive = [ref() for ref in refs if ref() is not None]
+    del output
+    return sum(saved.tensor.numel() * saved.tensor.element_size() for saved in alive)
+
+
+def test_neumann_in_forward_keeps_no_vjp_graph():
+    """The memory it saves: the graph that a forward leaves for the backward holds less than
+    the Neumann surrogate's, which keeps the differentiable VJP's tensors."""
+    x = torch.randn(8, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    sizes = {gradient: retained_saved_bytes(conv_flow(gradient), x)
+             for gradient in ("neumann", "neumann_in_forward")}
+    assert 0 < sizes["neumann_in_forward"] < 0.7 * sizes["neumann"], sizes
+
+
+def test_neumann_in_forward_refuses_unequal_sample_weights_and_hand_written_nets():
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    _, logdet = conv_flow("neumann_in_forward")(x)
+    with pytest.raises(RuntimeError, match="the same for every sample's log-det"):
+        (logdet * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum().backward()
+    with pytest.raises(ValueError, match="hand-written"):
+        ResidualBlock(LipschitzMLP(2, 8, 1), series_gradient="neumann_in_forward")
 
 
 def test_series_in_eval_under_no_grad_is_detached_and_accurate():

@@ -20,6 +20,12 @@ log-det series is: ``d sum_{k=1}^{n} (-1)^(k+1) tr(J^k) / k = sum_{k=0}^{n-1} (-
 estimated by ``w^T dJ v`` with ``w^T = sum_{k<n} (-1)^k v^T J^k`` held constant. The ``n`` VJPs
 then run without a graph and one differentiable VJP ``w^T J`` carries the gradient: the same
 expected gradient, a graph whose size does not depend on ``n``, and fewer operations.
+``"neumann_in_forward"`` (Residual Flows' memory-efficient estimator) differentiates that
+surrogate ``w^T J v`` already in the forward pass, with respect to ``x`` and ``g``'s
+parameters, and keeps the gradients instead of the VJP's graph; the backward scales them by
+the log-det's upstream gradient. That is exact only when the upstream gradient is the same
+for every sample (the parameters' gradient is a sum over samples), as for a mean or sum of
+``log p`` over the batch, and the backward raises otherwise.
 
 References:
     Behrmann et al., Invertible Residual Networks (2019), https://arxiv.org/abs/1811.00995
@@ -43,7 +49,7 @@ from flows.nn.mlp_jacobian import logdet_exact
 
 LOGDET_MODES = ("auto", "exact", "series")
 PROBES = ("gaussian", "rademacher")
-SERIES_GRADIENTS = ("neumann", "backprop")
+SERIES_GRADIENTS = ("neumann", "backprop", "neumann_in_forward")
 
 
 def sample_probes(like: Tensor, probe: str) -> Tensor:
@@ -93,7 +99,9 @@ def logdet_power_series(
     the log-det passes no gradient), by ``gradient``: ``"backprop"`` through every VJP, or
     ``"neumann"``: the returned value is the same estimate, its derivative that of
     ``w^T J_g v`` with ``w^T = sum_{k=0}^{n-1} (-1)^k v^T J^k`` constant, whose expectation is
-    the derivative of the truncated series (see the module docstring). ``x`` must require grad.
+    the derivative of the truncated series (see the module docstring); ``"neumann_in_forward"``
+    the same derivative, computed here and attached by ``PrecomputedGradient`` (for a loss
+    that weighs every sample's log-det alike). ``x`` must require grad.
 
     Args:
         net: ``g``, mapping ``(B, *event)`` to ``(B, *event)`` sample-wise.
@@ -102,7 +110,8 @@ def logdet_power_series(
         num_probes: Hutchinson probes per sample.
         probe: ``"gaussian"`` or ``"rademacher"``.
         create_graph: make the estimate differentiable for a backward pass.
-        gradient: ``"neumann"`` (graph size independent of ``n``) or ``"backprop"``.
+        gradient: ``"neumann"`` (graph size independent of ``n``), ``"backprop"`` or
+            ``"neumann_in_forward"`` (no graph kept for the log-det at all).
 
     Returns:
         ``g(x)`` of shape ``(B, *event)`` and the per-probe estimates ``(num_probes, B)``,
@@ -115,7 +124,7 @@ def logdet_power_series(
     gx = net(x_rep)
     v = sample_probes(x_rep, probe)
     backprop = create_graph and gradient == "backprop"
-    neumann_gradient = create_graph and gradient == "neumann"
+    neumann_gradient = create_graph and gradient != "backprop"
     w, neumann = v, v
     estimate = x_rep.new_zeros(x_rep.shape[0])
     for k in range(1, num_terms + 1):
@@ -126,8 +135,46 @@ def logdet_power_series(
     if neumann_gradient:
         (neumann_jacobian,) = torch.autograd.grad(gx, x_rep, neumann, create_graph=True)
         surrogate = (neumann_jacobian * v).flatten(1).sum(1)
-        estimate = estimate + (surrogate - surrogate.detach())
+        if gradient == "neumann":
+            estimate = estimate + (surrogate - surrogate.detach())
+        else:  # differentiate now; the VJP's graph is freed on return
+            params = [p for p in net.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(surrogate.sum(), [x_rep, *params], retain_graph=True,
+                                        allow_unused=True)
+            estimate = estimate.detach() + PrecomputedGradient.apply(len(params), *grads,
+                                                                     x_rep, *params)
     return gx[:batch], estimate.view(num_probes, batch)
+
+
+class PrecomputedGradient(torch.autograd.Function):
+    """Zeros ``(N,)`` whose gradient is given: for an upstream gradient ``u`` ``(N,)``,
+    ``u_i grad_x[i]`` for ``x`` ``(N, ...)`` and ``u_1 grad_p`` for each parameter ``p``.
+
+    ``grad_x[i]`` and ``grad_p`` are the derivatives of ``sum_i s_i`` for some per-sample
+    ``s`` (the Neumann surrogate), so the result is ``d (u . s)`` exactly when ``u_i`` does
+    not depend on ``i``: ``x``'s part always (sample ``i`` only reaches ``x[i]``), the
+    parameters' only then, which the backward checks on the device (no host read).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, num_params: int, grad_x: Tensor,
+                *rest: Tensor | None) -> Tensor:
+        grad_params, x = rest[:num_params], rest[num_params]
+        ctx.save_for_backward(grad_x, *grad_params)
+        return x.new_zeros(x.shape[0])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 upstream: Tensor) -> tuple[Tensor | None, ...]:
+        grad_x, *grad_params = ctx.saved_tensors
+        torch._assert_async(
+            (upstream == upstream[:1]).all(),
+            "series_gradient='neumann_in_forward' needs a loss whose gradient is the same for "
+            "every sample's log-det (a mean or sum of log p over the batch); use 'neumann'",
+        )
+        scale = upstream.view(-1, *[1] * (grad_x.dim() - 1))
+        scaled = [None if g is None else g * upstream[0] for g in grad_params]
+        return None, None, *[None] * len(scaled), grad_x * scale, *scaled
 
 
 def _tf32_hint(z: Tensor) -> str:
@@ -174,7 +221,9 @@ class ResidualBlock(Bijection):
         eval_num_probes: Hutchinson probes per sample in eval mode.
         probe: ``"gaussian"`` or ``"rademacher"``.
         series_gradient: how training differentiates the series: ``"neumann"`` (memory
-            independent of ``num_terms``, faster) or ``"backprop"`` (see the module docstring).
+            independent of ``num_terms``, faster), ``"backprop"`` or, for nets without
+            hand-written products, ``"neumann_in_forward"`` (the Neumann gradient taken in the
+            forward pass: less memory, for a mean or sum NLL; see the module docstring).
         exact_max_features: largest ``D`` for which ``"auto"`` picks the exact log-det.
         inverse_atol: absolute tolerance of the fixed-point iteration.
         inverse_rtol: relative tolerance of the fixed-point iteration.
@@ -208,6 +257,13 @@ class ResidualBlock(Bijection):
         if series_gradient not in SERIES_GRADIENTS:
             raise ValueError(
                 f"series_gradient={series_gradient!r} must be one of {SERIES_GRADIENTS}"
+            )
+        if series_gradient == "neumann_in_forward" and hasattr(net,
+                                                              "forward_with_series_logdet"):
+            raise ValueError(
+                f"series_gradient='neumann_in_forward' takes autograd's products, but "
+                f"{type(net).__name__} computes its series by hand-written ones, whose Neumann "
+                f"gradient keeps no VJP graph to save; use series_gradient='neumann'"
             )
         if min(num_terms, num_probes, eval_num_terms, eval_num_probes) < 1:
             raise ValueError("num_terms, num_probes, eval_num_terms, eval_num_probes must be >= 1")

@@ -42,7 +42,8 @@ class IResNet(NormalizingFlow):
         eval_num_probes: Hutchinson probes in eval mode.
         probe: ``"gaussian"`` or ``"rademacher"``.
         series_gradient: ``"neumann"`` or ``"backprop"``, how training differentiates the
-            series (see ``ResidualBlock``).
+            series (see ``ResidualBlock``; ``"neumann_in_forward"`` is for conv nets, whose
+            products are autograd's).
         n_power_iterations: power-iteration steps per training forward of each linear.
         inverse_atol: absolute tolerance of each block's fixed-point inverse.
         inverse_rtol: relative tolerance of each block's fixed-point inverse.
