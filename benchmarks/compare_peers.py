@@ -215,17 +215,19 @@ def measure_memory(case: str, name: str, num_terms: int | None = None) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_added_mib"]
 
 
-def memory_section() -> dict:
+def memory_section(cases: list[str]) -> dict:
+    """Each case's models, and with the 2-D i-ResNet its series at 2 to 20 terms."""
     report = {}
-    for case, (build, _, _) in CASES.items():
-        report[case] = {name: measure_memory(case, name) for name in build()}
+    for case in cases:
+        report[case] = {name: measure_memory(case, name) for name in CASES[case][0]()}
         print(case, report[case], flush=True)
-    sweep = {}
-    for gradient in ("neumann", "backprop"):
-        sweep[gradient] = {str(n): measure_memory("i-ResNet 2-D", f"series {gradient}", n)
-                           for n in (2, 5, 10, 20)}
-    report["i-ResNet 2-D series terms"] = sweep
-    print(sweep, flush=True)
+    if "i-ResNet 2-D" in cases:
+        sweep = {}
+        for gradient in ("neumann", "backprop"):
+            sweep[gradient] = {str(n): measure_memory("i-ResNet 2-D", f"series {gradient}", n)
+                               for n in (2, 5, 10, 20)}
+        report["i-ResNet 2-D series terms"] = sweep
+        print(sweep, flush=True)
     return report
 
 
@@ -436,7 +438,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
-                        help="steps and budget sections: the cases to run (the others' rows stay)")
+                        help="steps, memory and budget sections: the cases to run (the others' "
+                             "rows stay)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=60.0)
@@ -473,7 +476,7 @@ def main() -> None:
                 case: time_steps(case, args.rounds, args.steps, args.device)
                 for case in args.cases}
         elif section == "memory":
-            report["memory"] = memory_section()
+            report["memory"] = report.get("memory", {}) | memory_section(args.cases)
         elif section.startswith("budget"):
             before = report.get(section, {})
             comparable = (before.get("seeds"), before.get("budget_s")) == (args.seeds,

@@ -185,17 +185,17 @@ def _normflows_round_trip(model: nn.Module, z: Tensor) -> Tensor:
     return x
 
 
-def normflows_glow(shape: tuple[int, int, int]) -> nn.Module:
-    """normflows' Glow example architecture (unconditional): L = 2 levels, K = 8 blocks."""
+def normflows_multiscale(shape: tuple[int, int, int],
+                         level: Callable[[int], list[nn.Module]]) -> nn.Module:
+    """normflows' Glow example layout (unconditional): 2 levels, each ``level(channels)``'s
+    flows then a squeeze (normflows lists flows in the sampling direction), a learned
+    Gaussian per level, half the channels factored out between levels."""
     import normflows as nf
 
-    levels, steps, hidden = 2, 8, 64
-    channels = shape[0]
+    levels, channels = 2, shape[0]
     q0, merges, flows = [], [], []
     for i in range(levels):
-        blocks = [nf.flows.GlowBlock(channels * 2 ** (levels + 1 - i), hidden,
-                                     split_mode="channel", scale=True) for _ in range(steps)]
-        flows.append(blocks + [nf.flows.Squeeze()])
+        flows.append(level(channels * 2 ** (levels + 1 - i)) + [nf.flows.Squeeze()])
         if i > 0:
             merges.append(nf.flows.Merge())
             size = 2 ** (levels - i)
@@ -205,6 +205,14 @@ def normflows_glow(shape: tuple[int, int, int]) -> nn.Module:
             latent = (channels * 2 ** (levels + 1), shape[1] // size, shape[2] // size)
         q0.append(nf.distributions.DiagGaussian(latent))
     return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def normflows_glow(shape: tuple[int, int, int]) -> nn.Module:
+    """normflows' Glow example architecture: L = 2 levels, K = 8 blocks of 64 channels."""
+    import normflows as nf
+
+    return normflows_multiscale(shape, lambda width: [
+        nf.flows.GlowBlock(width, 64, split_mode="channel", scale=True) for _ in range(8)])
 
 
 def normflows_conv_iresnet(shape: tuple[int, int, int]) -> nn.Module:
@@ -213,35 +221,24 @@ def normflows_conv_iresnet(shape: tuple[int, int, int]) -> nn.Module:
     (``LipschitzCNN``, c = 0.98, 5 power iterations), ActNorm after each block, half the
     channels factored out between scales; the 5-term truncated power series with one
     Gaussian probe and the Neumann gradient computed in the forward pass (its memory-saving
-    default). Laid out as ``normflows_glow``."""
+    default)."""
     import normflows as nf
 
-    levels, blocks, hidden = 2, 6, 32
-    channels = shape[0]
-    q0, merges, flows = [], [], []
-    for i in range(levels):
-        width = channels * 2 ** (levels + 1 - i)
-        level: list[nn.Module] = []
-        for _ in range(blocks):
-            net = nf.nets.LipschitzCNN([width, hidden, hidden, width], [3, 1, 3],
+    def level(width: int) -> list[nn.Module]:
+        flows: list[nn.Module] = []
+        for _ in range(6):
+            net = nf.nets.LipschitzCNN([width, 32, 32, width], [3, 1, 3],
                                        lipschitz_const=0.98, max_lipschitz_iter=5)
             # listed in the sampling direction: x -> z runs the residual block, then ActNorm
-            level += [nf.flows.ActNorm((width, 1, 1)),
+            flows += [nf.flows.ActNorm((width, 1, 1)),
                       nf.flows.Residual(net, n_power_series=5, n_samples=1)]
-        flows.append(level + [nf.flows.Squeeze()])
-        if i > 0:
-            merges.append(nf.flows.Merge())
-            size = 2 ** (levels - i)
-            latent = (channels * size, shape[1] // size, shape[2] // size)
-        else:
-            size = 2 ** levels
-            latent = (channels * 2 ** (levels + 1), shape[1] // size, shape[2] // size)
-        q0.append(nf.distributions.DiagGaussian(latent))
-    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+        return flows
+    return normflows_multiscale(shape, level)
 
 
-def flows_image_model(model: str, data: str) -> nn.Module:
-    """The default ``model=<model> data=<data>`` flow, built from the project's configs."""
+def flows_image_model(model: str, data: str, *overrides: str) -> nn.Module:
+    """The default ``model=<model> data=<data>`` flow (with ``overrides``), built from the
+    project's configs."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -249,7 +246,7 @@ def flows_image_model(model: str, data: str) -> nn.Module:
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}", f"data={data}"])
+        cfg = compose("train", overrides=[f"model={model}", f"data={data}", *overrides])
     return instantiate(cfg.model)
 
 
@@ -259,6 +256,8 @@ def image_candidates(data: str) -> dict[str, Candidate]:
     normflows' residual flow built as flows' default i-ResNet (``normflows_conv_iresnet``)."""
     cases = {f"flows {m}": _flows(flows_image_model(m, data))
              for m in ("realnvp", "glow", "iresnet")}
+    cases["flows iresnet, neumann_in_forward"] = _flows(flows_image_model(
+        "iresnet", data, "model.series_gradient=neumann_in_forward"))
     shape = (1, 8, 8) if data == "digits" else (1, 28, 28)
     model = normflows_glow(shape)
     cases["normflows Glow 2x8, 64 ch"] = Candidate(
