@@ -400,6 +400,25 @@ def retained_saved_bytes(module, x):
     return sum(saved.tensor.numel() * saved.tensor.element_size() for saved in alive)
 
 
+def test_neumann_in_forward_with_a_linear_g_whose_jacobian_ignores_x():
+    """A linear ``g``: the surrogate has no gradient in ``x``, only in the weights."""
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for gradient in ("neumann", "neumann_in_forward"):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+        with torch.no_grad():
+            conv.weight.mul_(0.1)
+        block = ResidualBlock(AutogradOnly(conv), logdet="series", num_terms=3,
+                              series_gradient=gradient).train()
+        torch.manual_seed(1)
+        z, logdet = block(x)
+        grads.append(torch.autograd.grad((z.pow(2).flatten(1).sum(1) - logdet).mean(),
+                                         [x, *block.parameters()]))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_neumann_in_forward_keeps_no_vjp_graph():
     """The memory it saves: the graph that a forward leaves for the backward holds less than
     the Neumann surrogate's, which keeps the differentiable VJP's tensors."""

@@ -172,9 +172,11 @@ class PrecomputedGradient(torch.autograd.Function):
             "series_gradient='neumann_in_forward' needs a loss whose gradient is the same for "
             "every sample's log-det (a mean or sum of log p over the batch); use 'neumann'",
         )
-        scale = upstream.view(-1, *[1] * (grad_x.dim() - 1))
+        # None: the surrogate does not depend on it (a linear g has a constant Jacobian)
+        input_grad = None if grad_x is None else grad_x * upstream.view(
+            -1, *[1] * (grad_x.dim() - 1))
         scaled = [None if g is None else g * upstream[0] for g in grad_params]
-        return None, None, *[None] * len(scaled), grad_x * scale, *scaled
+        return None, None, *[None] * len(scaled), input_grad, *scaled
 
 
 def _tf32_hint(z: Tensor) -> str:
