@@ -430,11 +430,33 @@ def test_neumann_in_forward_keeps_no_vjp_graph():
 
 def test_neumann_in_forward_refuses_unequal_sample_weights_and_hand_written_nets():
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     _, logdet = conv_flow("neumann_in_forward")(x)
     with pytest.raises(RuntimeError, match="the same for every sample's log-det"):
-        (logdet * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum().backward()
+        (logdet * weights).sum().backward()
+    _, logdet = conv_flow("neumann_in_forward")(x)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(logdet.sum(), x, create_graph=True)  # for a second derivative
     with pytest.raises(ValueError, match="hand-written"):
         ResidualBlock(LipschitzMLP(2, 8, 1), series_gradient="neumann_in_forward")
+
+
+def test_neumann_in_forward_is_the_neumann_graph_in_eval_mode():
+    """Eval mode keeps no precomputed gradients: any weighting of the samples works."""
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    grads = []
+    for gradient in ("neumann", "neumann_in_forward"):
+        flow = conv_flow(gradient).eval()
+        torch.manual_seed(1)
+        _, logdet = flow(x)
+        grads.append(torch.autograd.grad((logdet * weights).sum(), [x, *flow.parameters()],
+                                         allow_unused=True))  # eval: cached weights
+    assert grads[0][0].abs().sum() > 0
+    for got, want in zip(*grads, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_series_in_eval_under_no_grad_is_detached_and_accurate():

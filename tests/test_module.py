@@ -123,8 +123,11 @@ class StopAt(L.Callback):
     # every 2nd 8-batch epoch, ending inside the 3rd epoch or after it
     ({"max_steps": 20}, {"check_val_every_n_epoch": 2}, [16, 20]),
     ({"max_epochs": 3}, {"check_val_every_n_epoch": 2}, [16, 24]),
-    # a callback stops training at step 3, as max_time's Timer or early stopping do
+    # a callback stops training at step 3, as max_time's Timer does
     ({"max_steps": 100, "callbacks": [StopAt(3)]}, {"check_val_every_n_epoch": 2}, [3]),
+    # ... but min_steps keeps it going to step 20: the epochs in between keep their schedule
+    ({"max_steps": 100, "min_steps": 20, "callbacks": [StopAt(3)]},
+     {"check_val_every_n_epoch": 2}, [16, 20]),
 ])
 def test_the_last_step_is_always_validated(tmp_path, budget, validation, validated):
     """Every ``val_check_interval`` steps or ``check_val_every_n_epoch`` epochs of 8 batches,

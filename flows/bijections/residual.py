@@ -153,7 +153,9 @@ class PrecomputedGradient(torch.autograd.Function):
     ``grad_x[i]`` and ``grad_p`` are the derivatives of ``sum_i s_i`` for some per-sample
     ``s`` (the Neumann surrogate), so the result is ``d (u . s)`` exactly when ``u_i`` does
     not depend on ``i``: ``x``'s part always (sample ``i`` only reaches ``x[i]``), the
-    parameters' only then, which the backward checks on the device (no host read).
+    parameters' only then, which the backward checks on the device without a host read (a
+    ``RuntimeError`` on the CPU; on a GPU a device-side assert, which ends the process).
+    First derivatives only: a backward with ``create_graph=True`` raises.
     """
 
     @staticmethod
@@ -166,6 +168,11 @@ class PrecomputedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,
                  upstream: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph: the stored gradients have no derivative
+            raise RuntimeError(
+                "series_gradient='neumann_in_forward' stores first derivatives only; for "
+                "higher derivatives (create_graph=True) use series_gradient='neumann'"
+            )
         grad_x, *grad_params = ctx.saved_tensors
         torch._assert_async(
             (upstream == upstream[:1]).all(),
@@ -225,7 +232,8 @@ class ResidualBlock(Bijection):
         series_gradient: how training differentiates the series: ``"neumann"`` (memory
             independent of ``num_terms``, faster), ``"backprop"`` or, for nets without
             hand-written products, ``"neumann_in_forward"`` (the Neumann gradient taken in the
-            forward pass: less memory, for a mean or sum NLL; see the module docstring).
+            forward pass of training: less memory, for a mean or sum NLL; eval mode uses
+            ``"neumann"``; see the module docstring).
         exact_max_features: largest ``D`` for which ``"auto"`` picks the exact log-det.
         inverse_atol: absolute tolerance of the fixed-point iteration.
         inverse_rtol: relative tolerance of the fixed-point iteration.
@@ -330,9 +338,14 @@ class ResidualBlock(Bijection):
             x_in = x.clone() if x.is_inference() else x
             if not x_in.requires_grad:
                 x_in = x_in.detach().requires_grad_(True)
+            # the gradient taken in the forward is for training steps; in eval mode a caller
+            # that wants gradients gets them from the Neumann graph (any loss weighting)
+            gradient = self.series_gradient
+            if gradient == "neumann_in_forward" and not self.training:
+                gradient = "neumann"
             gx, samples = logdet_power_series(
                 self.net, x_in, num_terms, num_probes, self.probe, create_graph=caller_grad,
-                gradient=self.series_gradient,
+                gradient=gradient,
             )
         if caller_grad:
             return x + gx, samples.mean(0)

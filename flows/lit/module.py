@@ -44,10 +44,10 @@ class DensityModule(L.LightningModule):
     NaNs into the weights; with ``"skip"`` the batch is skipped (no update) and counted in
     ``skipped_steps`` (logged as ``train/skipped_steps``).
 
-    The last step (``trainer.max_steps``, the last batch of ``trainer.max_epochs``, or any
-    step where training is asked to stop, as ``max_time`` does) is always followed by a
-    validation, wherever it falls between ``val_check_interval`` steps, epoch ends or the
-    epochs ``check_val_every_n_epoch`` selects.
+    The last step (``trainer.max_steps``, the last batch of ``trainer.max_epochs``, or a step
+    after which a callback's batch-end hook stops training, as ``max_time``'s timer does) is
+    always followed by a validation, wherever it falls between ``val_check_interval`` steps,
+    epoch ends or the epochs ``check_val_every_n_epoch`` selects.
 
     Every training step first reseeds torch's global generator (on an accelerator, its
     generators too) from ``(seed, step, rank)`` (``step_seed``), so the randomness drawn
@@ -124,10 +124,11 @@ class DensityModule(L.LightningModule):
         if (0 < trainer.max_steps <= self.global_step
                 or last_epoch and batch_idx + 1 >= trainer.num_training_batches):
             trainer.should_stop = True
-        # Lightning validates a stopping step (ours, max_time's, early stopping's) only in an
-        # epoch that check_val_every_n_epoch selects; lifting it for this step validates the
-        # final weights whichever epoch the run ends in.
-        if trainer.should_stop:
+        # Lightning validates a stopping step (ours, max_time's) only in an epoch that
+        # check_val_every_n_epoch selects; lifting it for the step where the run really ends
+        # (min_steps / min_epochs met: Lightning's own test) validates the final weights
+        # whichever epoch that is.
+        if trainer.should_stop and trainer.fit_loop._can_stop_early:
             trainer.check_val_every_n_epoch = None
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
