@@ -13,7 +13,7 @@ from flows.bijections.residual import ResidualBlock, logdet_power_series
 from flows.bijections.residual_chain import MLPResidualChain
 from flows.core import Compose, NormalizingFlow, first_nonfinite_bijection
 from flows.models.iresnet import IResNet
-from flows.nn.activations import ELU, LipSwish
+from flows.nn.activations import ELU, LipSwish, elu
 from flows.nn.compile import CompiledOrEager
 from flows.nn.lipschitz import (
     LipschitzMLP,
@@ -129,6 +129,29 @@ def test_activation_derivative_closed_form_and_bound(activation):
     assert slope.abs().max() <= 1.0
     if isinstance(activation, LipSwish):
         assert slope.max() > 0.99  # max |d/dh swish| = 1.0998: the 1/1.1 is tight
+
+
+def test_elu_is_torch_elu_with_its_first_and_second_derivatives():
+    """``flows``' ELU (exp-based, not ``F.elu``'s expm1) against the closed form in float64:
+    values, the VJP and its derivative (the Neumann gradient's double backward), forward mode
+    and ``torch.func`` (vmap of jacfwd, as ``dense_jacobian``); float32 within an ulp of 1."""
+    h = torch.linspace(-30, 30, 6001, dtype=torch.float64).requires_grad_(True)
+    expected = torch.where(h > 0, h, torch.expm1(h))
+    out = elu(h)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
+    weights = torch.randn_like(h)
+    (vjp,) = torch.autograd.grad(out, h, weights, create_graph=True)
+    torch.testing.assert_close(vjp, weights * torch.where(h > 0, 1.0, torch.exp(h)))
+    (second,) = torch.autograd.grad(vjp.sum(), h)
+    torch.testing.assert_close(second, weights * torch.where(h > 0, 0.0, torch.exp(h)))
+    _, tangent_out = torch.func.jvp(elu, (h.detach(),), (weights,))
+    torch.testing.assert_close(tangent_out, vjp.detach())
+    small = h.detach()[:6000:500].view(3, 4)  # 12 points, per-row Jacobians (4, 4)
+    jac = torch.func.vmap(torch.func.jacfwd(elu))(small)
+    torch.testing.assert_close(jac, torch.diag_embed(torch.where(small > 0, 1.0, small.exp())))
+    single = h.detach().float()
+    exact = torch.where(single > 0, single.double(), torch.expm1(single.double()))
+    assert (elu(single).double() - exact).abs().max() <= 1.2e-7  # an ulp of 1 (F.elu: 6e-8)
 
 
 @pytest.mark.parametrize(("activation", "num_hidden"), [("elu", 2), ("lipswish", 2), ("elu", 0)])
@@ -283,6 +306,48 @@ def test_neumann_series_gradient_is_unbiased_for_the_truncated_series(num_terms,
     assert ((grads.mean(0) - expected_grad).abs() <= 4.5 * grad_se + 1e-12).all()
     # power: the standard errors are small against the gradient being checked
     assert grad_se.max() < 0.05 * expected_grad.abs().max()
+
+
+@pytest.mark.parametrize("gradient", ["neumann", "neumann_in_forward"])
+@pytest.mark.parametrize("num_terms", [1, 2, 5])
+def test_neumann_modes_take_the_last_term_from_the_surrogate(num_terms, gradient):
+    """With the Neumann gradient the n-th term v^T J^n v is the surrogate w^T J v less the
+    first n - 1 terms, not an n-th product: the estimate equals, sample for sample (same
+    probes), the one from all n products, and n - 1 products plus one differentiable VJP run."""
+    torch.manual_seed(0)
+    net = perturb_(LipschitzConvNet((2, 3, 3), hidden_channels=4, coeff=0.95), scale=1.0)
+    net = net.double().eval()  # fixed weights: no power step between the two evaluations
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    _, all_products = logdet_power_series(net, x, num_terms, num_probes=3, create_graph=False)
+    calls = []
+    hook = net.convs[-1].register_full_backward_hook(lambda *args: calls.append(1))
+    try:
+        torch.manual_seed(1)
+        _, estimate = logdet_power_series(net, x, num_terms, num_probes=3, gradient=gradient)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(estimate.detach(), all_products, rtol=1e-12, atol=1e-12)
+    assert len(calls) == num_terms  # VJPs through g: n - 1 without a graph, 1 with
+
+
+@pytest.mark.parametrize("num_terms", [1, 2, 5])
+def test_hand_written_neumann_series_takes_the_last_term_from_the_surrogate(num_terms,
+                                                                           monkeypatch):
+    """The MLP's hand-written series with the Neumann gradient: the same samples as all ``n``
+    products (same probes) from ``n - 1`` VJPs and one differentiable JVP."""
+    import flows.nn.mlp_jacobian as mlp_jacobian
+
+    net = make_net(features=3, hidden=16, activation="elu", coeff=0.95)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    probes = torch.randn(2, 5, 3, dtype=torch.float64)
+    _, all_products = net.forward_with_series_logdet(x, probes, num_terms, False, "neumann")
+    calls = []
+    vjp = mlp_jacobian.mlp_vjp
+    monkeypatch.setattr(mlp_jacobian, "mlp_vjp", lambda *args: calls.append(1) or vjp(*args))
+    _, estimate = net.forward_with_series_logdet(x, probes, num_terms, True, "neumann")
+    torch.testing.assert_close(estimate.detach(), all_products, rtol=1e-12, atol=1e-12)
+    assert len(calls) == num_terms - 1
 
 
 @pytest.mark.parametrize("gradient", ["neumann", "backprop"])

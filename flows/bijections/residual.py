@@ -17,9 +17,11 @@ Gradient of the series (training): ``"backprop"`` differentiates through all ``n
 graph that grows with ``n``); ``"neumann"`` (Residual Flows, Sec. 3.2) uses
 ``d log det(I + J) = tr((I + J)^{-1} dJ)`` with the inverse's Neumann series truncated where the
 log-det series is: ``d sum_{k=1}^{n} (-1)^(k+1) tr(J^k) / k = sum_{k=0}^{n-1} (-1)^k tr(J^k dJ)``,
-estimated by ``w^T dJ v`` with ``w^T = sum_{k<n} (-1)^k v^T J^k`` held constant. The ``n`` VJPs
-then run without a graph and one differentiable VJP ``w^T J`` carries the gradient: the same
-expected gradient, a graph whose size does not depend on ``n``, and fewer operations.
+estimated by ``w^T dJ v`` with ``w^T = sum_{k<n} (-1)^k v^T J^k`` held constant. The first
+``n - 1`` VJPs then run without a graph and one differentiable VJP ``w^T J`` carries the
+gradient; its value ``w^T J v = sum_{k=1}^{n} (-1)^(k+1) v^T J^k v`` less the first ``n - 1``
+terms is the ``n``-th, so no ``n``-th product is taken. The same estimate and expected
+gradient, a graph whose size does not depend on ``n``, and fewer operations.
 ``"neumann_in_forward"`` (Residual Flows' memory-efficient estimator) differentiates that
 surrogate ``w^T J v`` already in the forward pass, with respect to ``x`` and ``g``'s
 parameters, and keeps the gradients instead of the VJP's graph; the backward scales them by
@@ -127,14 +129,21 @@ def logdet_power_series(
     neumann_gradient = create_graph and gradient != "backprop"
     w, neumann = v, v
     estimate = x_rep.new_zeros(x_rep.shape[0])
-    for k in range(1, num_terms + 1):
+    alternating = x_rep.new_zeros(x_rep.shape[0])  # sum_k (-1)^(k+1) v^T J^k v
+    # with the Neumann gradient the n-th product is not taken: see below
+    for k in range(1, num_terms + (0 if neumann_gradient else 1)):
         (w,) = torch.autograd.grad(gx, x_rep, w, create_graph=backprop, retain_graph=True)
-        estimate = estimate + ((-1) ** (k + 1) / k) * (w * v).flatten(1).sum(1)
-        if neumann_gradient and k < num_terms:
+        trace_k = (w * v).flatten(1).sum(1)
+        estimate = estimate + ((-1) ** (k + 1) / k) * trace_k
+        if neumann_gradient:
+            alternating = alternating + (-1) ** (k + 1) * trace_k
             neumann = neumann + (-1) ** k * w
     if neumann_gradient:
         (neumann_jacobian,) = torch.autograd.grad(gx, x_rep, neumann, create_graph=True)
+        # w^T J v = sum_{k=1}^{n} (-1)^(k+1) v^T J^k v: its value less the first n - 1 terms
+        # is the n-th, (-1)^(n+1) v^T J^n v, which saves the n-th product
         surrogate = (neumann_jacobian * v).flatten(1).sum(1)
+        estimate = estimate + (surrogate.detach() - alternating) / num_terms
         if gradient == "neumann":
             estimate = estimate + (surrogate - surrogate.detach())
         else:  # differentiate now; the VJP's graph is freed on return

@@ -11,11 +11,57 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 
+class _ELUByExp(torch.autograd.Function):
+    """``elu(h) = max(h, exp(min(h, 0)) - 1)`` (``e^h - 1 >= h``), its backward ATen's
+    ``elu_backward`` from the saved output, ``grad * min(1, elu(h) + 1)``, which is itself
+    differentiable (the Neumann gradient's double backward).
+
+    ``F.elu`` computes ``expm1``, which torch's CPU kernels vectorise poorly: on 2 threads of an
+    AVX-512 machine, for a ``(64, 32, 4, 4)`` input that requires grad, 305 us against 66 us
+    here (interleaved, 9 rounds; ``F.elu`` took 76 us with ``ATEN_CPU_CAPABILITY=avx2``).
+    Its absolute error is at most that of ``F.elu`` (4.6e-8 against 6.0e-8 in float32 over
+    ``[-20, 20]``); only the relative error of outputs ``|elu(h)| < 1e-3`` is larger.
+    """
+
+    generate_vmap_rule = True  # torch.func transforms (the dense Jacobian's vmap and jacfwd)
+
+    @staticmethod
+    def forward(h: Tensor) -> Tensor:
+        return torch.maximum(h.clamp(max=0).exp_().sub_(1), h)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor],
+                      output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        return _elu_derivative_times(grad, ctx.saved_tensors[0])
+
+    @staticmethod
+    def jvp(ctx: torch.autograd.function.FunctionCtx, tangent: Tensor) -> Tensor:
+        return _elu_derivative_times(tangent, ctx.saved_tensors[0])
+
+
+def _elu_derivative_times(vector: Tensor, out: Tensor) -> Tensor:
+    """``elu'(h) * vector`` from ``out = elu(h)`` (ATen's differentiable ``elu_backward``)."""
+    return torch.ops.aten.elu_backward(vector, 1.0, 1.0, 1.0, True, out)
+
+
+def elu(h: Tensor) -> Tensor:
+    """``h if h > 0 else exp(h) - 1``: ``_ELUByExp`` in eager mode on the CPU, else ``F.elu``
+    (one kernel on a GPU; ``torch.compile`` fuses it)."""
+    if torch.compiler.is_compiling() or not h.is_cpu:
+        return F.elu(h)
+    return _ELUByExp.apply(h)
+
+
 class ELU(nn.Module):
     """``elu(h) = h if h > 0 else exp(h) - 1``, 1-Lipschitz; ``elu'(h) = min(1, elu(h) + 1)``."""
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.elu(h)
+        return elu(h)
 
     def forward_with_derivative(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return elu_with_derivative(h)
@@ -23,7 +69,7 @@ class ELU(nn.Module):
 
 def elu_with_derivative(h: Tensor) -> tuple[Tensor, Tensor]:
     """``(elu(h), elu'(h))``: for h <= 0, ``elu(h) + 1 = exp(h) <= 1``; for h > 0 it is 1."""
-    out = F.elu(h)
+    out = elu(h)
     return out, torch.clamp(out + 1.0, max=1.0)
 
 
