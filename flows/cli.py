@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import typing
 from collections.abc import Iterator
@@ -192,6 +193,7 @@ def _checked_run_dir(parent: str, name: str, ckpt_path: str | None) -> str:
                 f"error: run folder {folder} already holds a run; resume it with "
                 f"ckpt_path=last, or choose another name= (nothing was changed)"
             )
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -199,7 +201,26 @@ def _checked_run_dir(parent: str, name: str, ckpt_path: str | None) -> str:
             f"error: cannot create the run folder {folder} ({error.strerror or error}); run "
             f"from a writable folder or choose one with hydra.run.dir="
         ) from None
+    _created_folders[folder.resolve()] = [path.resolve() for path in missing]
     return str(folder)
+
+
+# run folder -> the folders that resolving it created, itself first, then its new parents
+_created_folders: dict[Path, list[Path]] = {}
+
+
+def remove_created_run_folder(run_dir: Path) -> None:
+    """After refused input: delete ``run_dir`` if this command created it (``resolve_run_dir``)
+    and it holds only what Hydra wrote (``.hydra/``, ``train.log``), then the parents it created
+    that are left empty. A folder that existed before (a custom ``hydra.run.dir``, a resumed
+    run) is left as it is."""
+    created = _created_folders.get(run_dir.resolve(), [])
+    if not created or {path.name for path in run_dir.iterdir()} - {".hydra", "train.log"}:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in created[1:]:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only if empty
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

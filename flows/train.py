@@ -7,10 +7,8 @@ folder next to the plots, checkpoints and logs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flows.cli import check_config_types, resolve_run_dir, user_errors, write_json
+from flows.cli import (
+    check_config_types,
+    remove_created_run_folder,
+    resolve_run_dir,
+    user_errors,
+    write_json,
+)
 from flows.data.entropy import TOY_ENTROPY
 from flows.lit.module import DensityModule, NonFiniteError
 from flows.metrics import bits_per_dim
@@ -153,10 +157,7 @@ def main(cfg: DictConfig) -> float | None:
             ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
             parts = build(cfg)
     except SystemExit:  # bad input: remove the run folder if this command just made it
-        if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                run_dir.parent.rmdir()  # and its group folder, if nothing else is in it
+        remove_created_run_folder(run_dir)
         raise
     with user_errors():
         results = fit_and_test(cfg, run_dir, ckpt_path, *parts)

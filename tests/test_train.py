@@ -142,6 +142,28 @@ def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expecte
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs") == before
 
 
+def test_bad_input_removes_only_the_folders_the_command_created(tmp_path):
+    """A refused command cleans up its own run folder and new group folder, but a folder that
+    was there before (a custom ``hydra.run.dir`` and its empty parent, the shell's working
+    folder) stays, with nothing of the user's removed."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    result = run_cli("flows.train", "model.lipschitz_coeff=2", f"hydra.run.dir={mine}",
+                     "model=iresnet", *FAST, cwd=mine)
+    assert result.returncode != 0 and "(0, 1)" in result.stderr, result.stderr[-2000:]
+    assert mine.is_dir()
+    nested = mine / "empty" / "run"
+    nested.parent.mkdir()
+    result = run_cli("flows.train", "model.lipschitz_coeff=2", f"hydra.run.dir={nested}",
+                     "model=iresnet", *FAST, cwd=mine)
+    assert result.returncode != 0
+    assert nested.parent.is_dir()  # the empty parent was the user's
+    result = run_cli("flows.train", "model.lipschitz_coeff=2", "model=iresnet", *FAST,
+                     cwd=mine)
+    assert result.returncode != 0
+    assert not (mine / "outputs").exists()  # run folder, group folder and outputs/: all new
+
+
 def test_warm_interpreter_reports_as_a_fresh_one(tmp_path):
     """``run_cli`` forks a warm interpreter; a new ``python -m`` must give the same exit code,
     stderr and files, for a refused override and for refused data."""
