@@ -353,15 +353,24 @@ def test_hand_written_neumann_series_takes_the_last_term_from_the_surrogate(num_
 @pytest.mark.parametrize("gradient", ["neumann", "backprop"])
 @pytest.mark.parametrize(("activation", "probe"),
                          [("elu", "gaussian"), ("lipswish", "rademacher")])
-def test_hand_written_series_matches_autograd_vjps(gradient, activation, probe):
-    """The MLP's hand-written Jacobian products give autograd's series: the same samples
-    (same seed, 3 probes sharing one evaluation of g) and the same gradients in x and every
-    parameter, in training (with a power-iteration step) and in eval under no_grad."""
-    net = make_net(features=3, hidden=16, activation=activation).train()
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_hand_written_series_matches_autograd_vjps(kind, gradient, activation, probe):
+    """The MLP's and the conv branch's hand-written Jacobian products give autograd's series:
+    the same samples (same seed, 3 probes sharing one evaluation of g) and the same gradients
+    in x and every parameter, in training (with a power-iteration step) and in eval under
+    no_grad."""
+    if kind == "mlp":
+        net = make_net(features=3, hidden=16, activation=activation).train()
+        x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    else:
+        torch.manual_seed(0)
+        net = perturb_(LipschitzConvNet((2, 3, 3), 4, activation, coeff=0.9), scale=1.0)
+        power_iterate_(net, rtol=1e-13)
+        net = net.double().train()
+        x = torch.randn(5, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     blocks = [ResidualBlock(module, logdet="series", num_terms=6, num_probes=3, probe=probe,
                             series_gradient=gradient, eval_num_terms=9, eval_num_probes=2)
               for module in (copy.deepcopy(net), AutogradOnly(copy.deepcopy(net)))]
-    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     results = []
     for block in blocks:
         torch.manual_seed(0)
@@ -504,6 +513,11 @@ def test_neumann_in_forward_refuses_unequal_sample_weights_and_hand_written_nets
         torch.autograd.grad(logdet.sum(), x, create_graph=True)  # for a second derivative
     with pytest.raises(ValueError, match="hand-written"):
         ResidualBlock(LipschitzMLP(2, 8, 1), series_gradient="neumann_in_forward")
+    # the conv branch's hand-written products refuse it too (the block routes it to autograd)
+    net = LipschitzConvNet((2, 4, 4), 6).double()
+    with pytest.raises(ValueError, match="'neumann' or 'backprop', got 'neumann_in_forward'"):
+        net.forward_with_series_logdet(x, torch.randn(1, *x.shape, dtype=x.dtype), 3, True,
+                                       "neumann_in_forward")
 
 
 def test_neumann_in_forward_is_the_neumann_graph_in_eval_mode():

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from flows.core import Bijection
-from flows.nn.lipschitz import frozen_power_iteration
+from flows.nn.lipschitz import LipschitzMLP, frozen_power_iteration
 from flows.nn.mlp_jacobian import logdet_exact
 
 LOGDET_MODES = ("auto", "exact", "series")
@@ -226,9 +226,11 @@ class ResidualBlock(Bijection):
     ``eval_num_terms``/``eval_num_probes`` in eval; more terms at evaluation make the bias
     negligible: i-ResNet App. E finds it numerically 0 at 20 terms); ``"auto"`` is exact for
     ``D <= exact_max_features`` and series above. Nets with ``forward_with_series_logdet``
-    (``LipschitzMLP``) give the series from hand-written Jacobian products, all probes on one
-    evaluation of ``g``; for any other net it takes autograd VJPs, which it runs even under
-    ``torch.no_grad()`` or ``torch.inference_mode()`` (grad enabled locally, detached results).
+    (``LipschitzMLP``, ``LipschitzConvNet``) give the series from hand-written Jacobian
+    products, all probes on one evaluation of ``g``; for any other net, and for
+    ``series_gradient="neumann_in_forward"`` in training, it takes autograd VJPs, which it runs
+    even under ``torch.no_grad()`` or ``torch.inference_mode()`` (grad enabled locally,
+    detached results).
 
     Args:
         net: ``g``, e.g. a ``LipschitzMLP``; ``Lip(g) < 1`` is the caller's guarantee.
@@ -239,8 +241,8 @@ class ResidualBlock(Bijection):
         eval_num_probes: Hutchinson probes per sample in eval mode.
         probe: ``"gaussian"`` or ``"rademacher"``.
         series_gradient: how training differentiates the series: ``"neumann"`` (memory
-            independent of ``num_terms``, faster), ``"backprop"`` or, for nets without
-            hand-written products, ``"neumann_in_forward"`` (the Neumann gradient taken in the
+            independent of ``num_terms``, faster), ``"backprop"`` or, for nets other than
+            ``LipschitzMLP``, ``"neumann_in_forward"`` (the Neumann gradient taken in the
             forward pass of training: less memory, for a mean or sum NLL; eval mode uses
             ``"neumann"``; see the module docstring).
         exact_max_features: largest ``D`` for which ``"auto"`` picks the exact log-det.
@@ -277,8 +279,7 @@ class ResidualBlock(Bijection):
             raise ValueError(
                 f"series_gradient={series_gradient!r} must be one of {SERIES_GRADIENTS}"
             )
-        if series_gradient == "neumann_in_forward" and hasattr(net,
-                                                              "forward_with_series_logdet"):
+        if series_gradient == "neumann_in_forward" and isinstance(net, LipschitzMLP):
             raise ValueError(
                 f"series_gradient='neumann_in_forward' takes autograd's products, but "
                 f"{type(net).__name__} computes its series by hand-written ones, whose Neumann "
@@ -337,9 +338,14 @@ class ResidualBlock(Bijection):
     def _forward_series(self, x: Tensor) -> tuple[Tensor, Tensor]:
         caller_grad = torch.is_grad_enabled()
         num_terms, num_probes = self.series_settings()
-        if hasattr(self.net, "forward_with_series_logdet"):  # hand-written Jacobian products
-            gx, samples = self.net.forward_with_series_logdet(
-                x, self.draw_probes(x), num_terms, caller_grad, self.series_gradient)
+        # the gradient taken in the forward is for training steps; in eval mode a caller that
+        # wants gradients gets them from the Neumann graph (any loss weighting)
+        gradient = self.series_gradient
+        if gradient == "neumann_in_forward" and not self.training:
+            gradient = "neumann"
+        if hasattr(self.net, "forward_with_series_logdet") and gradient != "neumann_in_forward":
+            gx, samples = self.net.forward_with_series_logdet(  # hand-written products
+                x, self.draw_probes(x), num_terms, caller_grad, gradient)
             return x + gx, samples.mean(0)
         # The VJPs need autograd even under no_grad or inference_mode (Lightning's default
         # for validation); an inference tensor must be cloned to enter a graph.
@@ -347,11 +353,6 @@ class ResidualBlock(Bijection):
             x_in = x.clone() if x.is_inference() else x
             if not x_in.requires_grad:
                 x_in = x_in.detach().requires_grad_(True)
-            # the gradient taken in the forward is for training steps; in eval mode a caller
-            # that wants gradients gets them from the Neumann graph (any loss weighting)
-            gradient = self.series_gradient
-            if gradient == "neumann_in_forward" and not self.training:
-                gradient = "neumann"
             gx, samples = logdet_power_series(
                 self.net, x_in, num_terms, num_probes, self.probe, create_graph=caller_grad,
                 gradient=gradient,

@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,7 @@ from torch.nn.utils import parametrize
 
 from flows.nn.activations import ACTIVATIONS
 from flows.nn.lipschitz import SpectralNormalization, _check_coeff, top_singular_value
+from flows.nn.power_series import series_from_products
 
 
 class ConvSpectralNormalization(SpectralNormalization):
@@ -116,6 +118,57 @@ class LipschitzConvNet(nn.Module):
         for conv, act in zip(self.convs[:-1], self.activations, strict=True):
             h = act(conv(h))
         return self.convs[-1](h)
+
+    def forward_with_series_logdet(
+        self, x: Tensor, probes: Tensor, num_terms: int, create_graph: bool, gradient: str,
+    ) -> tuple[Tensor, Tensor]:
+        """``g(x)`` ``(B, C, H, W)`` and the power-series log-det samples ``(P, B)`` for
+        ``probes`` ``(P, B, C, H, W)``, from hand-written products with
+        ``J_g = K_3 S_2 K_2 S_1 K_1`` (``K_l`` the convolutions, ``S_l`` the activations'
+        slopes): ``conv_vjp`` and ``conv_jvp`` in ``series_from_products``, which says what
+        ``create_graph`` and ``gradient`` (``"neumann"`` or ``"backprop"``) do. Each weight
+        is normalised once, as in ``forward`` (a training-mode power-iteration step)."""
+        weights = [conv.weight for conv in self.convs]
+        h, slopes = x, []
+        for conv, weight, act in zip(self.convs[:-1], weights[:-1], self.activations,
+                                     strict=True):
+            h, slope = act.forward_with_derivative(
+                F.conv2d(h, weight, conv.bias, padding=conv.padding))
+            slopes.append(slope)
+        gx = F.conv2d(h, weights[-1], self.convs[-1].bias, padding=self.convs[-1].padding)
+        paddings = [conv.padding for conv in self.convs]
+        samples = series_from_products(
+            probes, weights, slopes, functools.partial(conv_vjp, paddings=paddings),
+            functools.partial(conv_jvp, paddings=paddings), num_terms, create_graph, gradient)
+        return gx, samples
+
+
+def conv_vjp(w: Tensor, weights: list[Tensor], slopes: list[Tensor],
+             paddings: list[tuple[int, int]]) -> Tensor:
+    """``w^T J_g = K_1^T (s_1 * K_2^T (s_2 * K_3^T w))`` for ``w`` ``(P, B, C, H, W)``; ``K^T``
+    is the transposed convolution (the adjoint of a stride-1, same-size convolution) and the
+    slopes ``(B, C_l, H, W)`` broadcast over the ``P`` probes."""
+    lead = w.shape[:2]
+    w = w.flatten(0, 1)
+    for weight, slope, padding in zip(reversed(weights[1:]), reversed(slopes),
+                                      reversed(paddings[1:]), strict=True):
+        w = _times_slope(F.conv_transpose2d(w, weight, padding=padding), slope, lead)
+    return F.conv_transpose2d(w, weights[0], padding=paddings[0]).unflatten(0, lead)
+
+
+def conv_jvp(v: Tensor, weights: list[Tensor], slopes: list[Tensor],
+             paddings: list[tuple[int, int]]) -> Tensor:
+    """``J_g v = K_3 (s_2 * K_2 (s_1 * K_1 v))`` for ``v`` ``(P, B, C, H, W)``."""
+    lead = v.shape[:2]
+    t = F.conv2d(v.flatten(0, 1), weights[0], padding=paddings[0])
+    for weight, slope, padding in zip(weights[1:], slopes, paddings[1:], strict=True):
+        t = F.conv2d(_times_slope(t, slope, lead), weight, padding=padding)
+    return t.unflatten(0, lead)
+
+
+def _times_slope(t: Tensor, slope: Tensor, lead: torch.Size) -> Tensor:
+    """``t`` ``(P * B, ...)`` times ``slope`` ``(B, ...)`` for each of the ``P`` probes."""
+    return (t.unflatten(0, lead) * slope).flatten(0, 1)
 
 
 @torch.no_grad()

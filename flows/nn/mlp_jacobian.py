@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from flows.nn.activations import elu_with_derivative, lipswish_with_derivative
+from flows.nn.power_series import series_from_products
 
 
 def mlp_with_slopes(
@@ -88,32 +89,8 @@ def mlp_logdet_series(
     probes: Tensor, weights: list[Tensor], slopes: list[Tensor], num_terms: int,
     create_graph: bool, gradient: str,
 ) -> Tensor:
-    """Hutchinson samples ``sum_{k=1}^{n} (-1)^(k+1) v^T J^k v / k``, shape ``(P, B)``.
-
-    ``probes`` ``v``: ``(P, B, D)``. Without ``create_graph`` the samples carry no graph. With
-    it, ``gradient="backprop"`` differentiates through all ``n`` products; ``"neumann"``
-    returns the same values with the derivative of ``w^T J v``, ``w^T = sum_{k=0}^{n-1} (-1)^k
-    v^T J^k`` held constant (the products then run on detached weights and slopes and keep
-    nothing for the backward pass: memory independent of ``n``). ``w^T J v`` (one
-    differentiable JVP ``J v``) less the first ``n - 1`` terms is the ``n``-th term, so the
-    Neumann gradient takes ``n - 1`` products.
-    """
-    backprop = create_graph and gradient == "backprop"
-    neumann_gradient = create_graph and gradient == "neumann"
-    chain_weights = weights if backprop else [w.detach() for w in weights]
-    chain_slopes = slopes if backprop else [s.detach() for s in slopes]
-    w, neumann = probes, probes
-    estimate = probes.new_zeros(probes.shape[:-1])
-    alternating = probes.new_zeros(probes.shape[:-1])  # sum_k (-1)^(k+1) v^T J^k v
-    for k in range(1, num_terms + (0 if neumann_gradient else 1)):
-        w = mlp_vjp(w, chain_weights, chain_slopes)
-        trace_k = (w * probes).sum(-1)
-        estimate = estimate + ((-1) ** (k + 1) / k) * trace_k
-        if neumann_gradient:
-            alternating = alternating + (-1) ** (k + 1) * trace_k
-            neumann = neumann + (-1) ** k * w
-    if neumann_gradient:
-        surrogate = (neumann * mlp_jvp(probes, weights, slopes)).sum(-1)
-        estimate = estimate + (surrogate.detach() - alternating) / num_terms
-        estimate = estimate + (surrogate - surrogate.detach())
-    return estimate
+    """Hutchinson samples ``sum_{k=1}^{n} (-1)^(k+1) v^T J^k v / k``, shape ``(P, B)``, for
+    ``probes`` ``v`` ``(P, B, D)``, by ``mlp_vjp`` and ``mlp_jvp`` (``series_from_products``
+    says what ``create_graph`` and ``gradient`` do)."""
+    return series_from_products(probes, weights, slopes, mlp_vjp, mlp_jvp, num_terms,
+                                create_graph, gradient)
