@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.errors import CompactHydraException, HydraException
+from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -193,7 +194,7 @@ def _checked_run_dir(parent: str, name: str, ckpt_path: str | None) -> str:
                 f"error: run folder {folder} already holds a run; resume it with "
                 f"ckpt_path=last, or choose another name= (nothing was changed)"
             )
-    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    record_new_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -201,26 +202,52 @@ def _checked_run_dir(parent: str, name: str, ckpt_path: str | None) -> str:
             f"error: cannot create the run folder {folder} ({error.strerror or error}); run "
             f"from a writable folder or choose one with hydra.run.dir="
         ) from None
-    _created_folders[folder.resolve()] = [path.resolve() for path in missing]
     return str(folder)
 
 
-# run folder -> the folders that resolving it created, itself first, then its new parents
-_created_folders: dict[Path, list[Path]] = {}
+# folders this command is about to create (absolute): a run folder inside one of them is new
+_new_folders: set[Path] = set()
+
+
+def record_new_folders(folder: Path) -> None:
+    """Record ``folder`` and its parents that do not exist yet, before they are created."""
+    folder = Path(os.path.abspath(folder))
+    _new_folders.update(path for path in (folder, *folder.parents) if not path.exists())
+
+
+def _is_new(folder: Path) -> bool:
+    folder = Path(os.path.abspath(folder))
+    return any(path in _new_folders for path in (folder, *folder.parents))
+
+
+class RecordNewRunFolders(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``): records the run folder (``hydra.run.dir``)
+    or the sweep folder (``hydra.sweep.dir``) and their parents that do not exist before Hydra
+    creates them, so ``remove_created_run_folder`` knows which folders are this command's."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        record_new_folders(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        record_new_folders(Path(config.hydra.sweep.dir))
 
 
 def remove_created_run_folder(run_dir: Path) -> None:
-    """After refused input: delete ``run_dir`` if this command created it (``resolve_run_dir``)
-    and it holds only what Hydra wrote (``.hydra/``, ``train.log``), then the parents it created
-    that are left empty. A folder that existed before (a custom ``hydra.run.dir``, a resumed
-    run) is left as it is."""
-    created = _created_folders.get(run_dir.resolve(), [])
-    if not created or {path.name for path in run_dir.iterdir()} - {".hydra", "train.log"}:
+    """After refused input: delete ``run_dir`` if this command created it (recorded by
+    ``resolve_run_dir`` or ``RecordNewRunFolders``) and it holds only what Hydra wrote
+    (``.hydra/``, ``train.log``), then its parents that this command created and that are left
+    empty. A folder that existed before (a custom ``hydra.run.dir``, a resumed run) stays."""
+    if not _is_new(run_dir) or {path.name for path in run_dir.iterdir()} - {".hydra",
+                                                                          "train.log"}:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    for parent in created[1:]:
-        with contextlib.suppress(OSError):
+    for parent in Path(os.path.abspath(run_dir)).parents:
+        if not _is_new(parent):
+            break
+        try:
             parent.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -149,6 +149,9 @@ def test_elu_is_torch_elu_with_its_first_and_second_derivatives():
     small = h.detach()[:6000:500].view(3, 4)  # 12 points, per-row Jacobians (4, 4)
     jac = torch.func.vmap(torch.func.jacfwd(elu))(small)
     torch.testing.assert_close(jac, torch.diag_embed(torch.where(small > 0, 1.0, small.exp())))
+    points = torch.tensor([-1.0, 0.5, -2.0, 1.5], dtype=torch.float64)  # forward over forward
+    hessian = torch.func.jacfwd(torch.func.jacfwd(lambda t: elu(t).sum()))(points)
+    torch.testing.assert_close(hessian, torch.diag(torch.where(points > 0, 0.0, points.exp())))
     single = h.detach().float()
     exact = torch.where(single > 0, single.double(), torch.expm1(single.double()))
     assert (elu(single).double() - exact).abs().max() <= 1.2e-7  # an ulp of 1 (F.elu: 6e-8)

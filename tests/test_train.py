@@ -143,9 +143,9 @@ def test_bad_input_fails_in_one_clear_line_and_writes_nothing(overrides, expecte
 
 
 def test_bad_input_removes_only_the_folders_the_command_created(tmp_path):
-    """A refused command cleans up its own run folder and new group folder, but a folder that
-    was there before (a custom ``hydra.run.dir`` and its empty parent, the shell's working
-    folder) stays, with nothing of the user's removed."""
+    """A refused command cleans up the folders it created (the default run and group folders,
+    a new custom ``hydra.run.dir`` and its new parent), but a folder that was there before (a
+    custom ``hydra.run.dir`` and its empty parent, the shell's working folder) stays."""
     mine = tmp_path / "mine"
     mine.mkdir()
     result = run_cli("flows.train", "model.lipschitz_coeff=2", f"hydra.run.dir={mine}",
@@ -162,6 +162,11 @@ def test_bad_input_removes_only_the_folders_the_command_created(tmp_path):
                      cwd=mine)
     assert result.returncode != 0
     assert not (mine / "outputs").exists()  # run folder, group folder and outputs/: all new
+    result = run_cli("flows.train", "model.lipschitz_coeff=2",
+                     f"hydra.run.dir={mine / 'new' / 'run'}", "model=iresnet", *FAST, cwd=mine)
+    assert result.returncode != 0
+    assert not (mine / "new").exists()  # new/run and new: removed
+    assert sorted(p.name for p in nested.parent.iterdir()) == []
 
 
 def test_warm_interpreter_reports_as_a_fresh_one(tmp_path):

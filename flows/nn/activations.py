@@ -51,8 +51,11 @@ def _elu_derivative_times(vector: Tensor, out: Tensor) -> Tensor:
 
 def elu(h: Tensor) -> Tensor:
     """``h if h > 0 else exp(h) - 1``: ``_ELUByExp`` in eager mode on the CPU, else ``F.elu``
-    (one kernel on a GPU; ``torch.compile`` fuses it)."""
-    if torch.compiler.is_compiling() or not h.is_cpu:
+    (one kernel on a GPU; ``torch.compile`` fuses it; ``torch.func`` transforms)."""
+    # F.elu under torch.func transforms too: nested forward mode (jacfwd of jacfwd) would see
+    # the Function's jvp as constant in the outer tangent
+    if (torch.compiler.is_compiling() or not h.is_cpu
+            or torch._C._functorch.is_functorch_wrapped_tensor(h)):
         return F.elu(h)
     return _ELUByExp.apply(h)
 
