@@ -396,6 +396,32 @@ def test_hand_written_series_matches_autograd_vjps(kind, gradient, activation, p
     assert all(g.abs().sum() > 0 for g in grads)  # the comparison covers every input
 
 
+def test_conv_hand_written_series_takes_one_power_step_and_runs_under_inference_mode():
+    """The conv branch's hand-written series advances every spectral norm's power iteration
+    exactly as a plain forward does (non-square images, vectors not yet converged), and in eval
+    mode under ``torch.inference_mode`` (Lightning's validation) gives autograd's samples."""
+    torch.manual_seed(0)
+    net = perturb_(LipschitzConvNet((2, 3, 5), 4, coeff=0.9), scale=1.0).double().train()
+    x = torch.randn(4, 2, 3, 5, dtype=torch.float64)
+    plain, hand = copy.deepcopy(net), copy.deepcopy(net)
+    plain(x)
+    hand.forward_with_series_logdet(x, torch.randn(2, *x.shape, dtype=x.dtype), 3, True,
+                                    "neumann")
+    for name, buffer in plain.named_buffers():
+        assert torch.equal(buffer, dict(hand.named_buffers())[name]), name
+    assert not torch.equal(plain.convs[0].parametrizations.weight[0].u,
+                           net.convs[0].parametrizations.weight[0].u)  # it did take a step
+    samples = []
+    for module in (copy.deepcopy(net), AutogradOnly(copy.deepcopy(net))):
+        block = ResidualBlock(module, logdet="series", eval_num_terms=7, eval_num_probes=3).eval()
+        torch.manual_seed(1)
+        with torch.inference_mode():
+            z, logdet = block(x)
+        samples.append((z, logdet))
+    torch.testing.assert_close(samples[0][0], samples[1][0])
+    torch.testing.assert_close(samples[0][1], samples[1][1])
+
+
 def saved_tensor_bytes(block, x):
     """Bytes of every tensor the autograd graph of ``block(x)`` saves for backward."""
     total = 0
