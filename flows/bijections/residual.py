@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 from flows.core import Bijection
 from flows.nn.lipschitz import LipschitzMLP, frozen_power_iteration
 from flows.nn.mlp_jacobian import logdet_exact
+from flows.nn.power_series import per_sample_dot, power_series
 
 LOGDET_MODES = ("auto", "exact", "series")
 PROBES = ("gaussian", "rademacher")
@@ -124,35 +125,29 @@ def logdet_power_series(
     batch = x.shape[0]
     x_rep = x.repeat(num_probes, *([1] * (x.dim() - 1))) if num_probes > 1 else x
     gx = net(x_rep)
-    v = sample_probes(x_rep, probe)
+    v = sample_probes(x_rep, probe).view(num_probes, batch, *x.shape[1:])
     backprop = create_graph and gradient == "backprop"
-    neumann_gradient = create_graph and gradient != "backprop"
-    w, neumann = v, v
-    estimate = x_rep.new_zeros(x_rep.shape[0])
-    alternating = x_rep.new_zeros(x_rep.shape[0])  # sum_k (-1)^(k+1) v^T J^k v
-    # with the Neumann gradient the n-th product is not taken: see below
-    for k in range(1, num_terms + (0 if neumann_gradient else 1)):
-        (w,) = torch.autograd.grad(gx, x_rep, w, create_graph=backprop, retain_graph=True)
-        trace_k = (w * v).flatten(1).sum(1)
-        estimate = estimate + ((-1) ** (k + 1) / k) * trace_k
-        if neumann_gradient:
-            alternating = alternating + (-1) ** (k + 1) * trace_k
-            neumann = neumann + (-1) ** k * w
-    if neumann_gradient:
-        (neumann_jacobian,) = torch.autograd.grad(gx, x_rep, neumann, create_graph=True)
-        # w^T J v = sum_{k=1}^{n} (-1)^(k+1) v^T J^k v: its value less the first n - 1 terms
-        # is the n-th, (-1)^(n+1) v^T J^n v, which saves the n-th product
-        surrogate = (neumann_jacobian * v).flatten(1).sum(1)
-        estimate = estimate + (surrogate.detach() - alternating) / num_terms
-        if gradient == "neumann":
-            estimate = estimate + (surrogate - surrogate.detach())
-        else:  # differentiate now; the VJP's graph is freed on return
-            params = [p for p in net.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(surrogate.sum(), [x_rep, *params], retain_graph=True,
-                                        allow_unused=True)
-            estimate = estimate.detach() + PrecomputedGradient.apply(len(params), *grads,
-                                                                     x_rep, *params)
-    return gx[:batch], estimate.view(num_probes, batch)
+
+    def vjp(w: Tensor) -> Tensor:
+        (product,) = torch.autograd.grad(gx, x_rep, w.flatten(0, 1), create_graph=backprop,
+                                         retain_graph=True)
+        return product.view_as(w)
+
+    def surrogate(w: Tensor) -> Tensor:  # w^T J v from one differentiable VJP
+        (product,) = torch.autograd.grad(gx, x_rep, w.flatten(0, 1), create_graph=True)
+        return per_sample_dot(product.view_as(w), v)
+
+    estimate, value = power_series(v, vjp, surrogate, num_terms,
+                                   create_graph and gradient != "backprop")
+    if value is not None and gradient == "neumann":
+        estimate = estimate + (value - value.detach())
+    elif value is not None:  # neumann_in_forward: differentiate now; the VJP's graph is freed
+        params = [p for p in net.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(value.sum(), [x_rep, *params], retain_graph=True,
+                                    allow_unused=True)
+        estimate = estimate.detach() + PrecomputedGradient.apply(
+            len(params), *grads, x_rep, *params).view(num_probes, batch)
+    return gx[:batch], estimate
 
 
 class PrecomputedGradient(torch.autograd.Function):
