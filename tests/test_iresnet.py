@@ -157,6 +157,21 @@ def test_elu_is_torch_elu_with_its_first_and_second_derivatives():
     assert (elu(single).double() - exact).abs().max() <= 1.2e-7  # an ulp of 1 (F.elu: 6e-8)
 
 
+def test_compiled_elu_has_the_closed_form_values_and_derivative():
+    """Under ``torch.compile`` ``elu`` is ``where(h > 0, h, exp(min(h, 1)) - 1)`` in plain ops,
+    fused by inductor with the backward it derives: values and the VJP against the closed form
+    in float64, with ``elu'(0) = 1`` and a finite gradient where ``exp(h)`` would overflow."""
+    h = torch.cat([torch.linspace(-30, 30, 6001, dtype=torch.float64),
+                   torch.tensor([0.0, -1e-300, 1e-300, 800.0], dtype=torch.float64)]
+                  ).requires_grad_()
+    out = torch.compile(elu)(h)
+    torch.testing.assert_close(out, torch.where(h > 0, h, torch.expm1(h)), rtol=0, atol=1e-15)
+    weights = torch.randn_like(h)
+    (vjp,) = torch.autograd.grad(out, h, weights)
+    torch.testing.assert_close(vjp, weights * torch.where(h > 0, 1.0, torch.exp(h)))
+    assert vjp[6001] == weights[6001]  # h = 0
+
+
 @pytest.mark.parametrize(("activation", "num_hidden"), [("elu", 2), ("lipswish", 2), ("elu", 0)])
 def test_forward_with_jacobian_matches_jacrev(activation, num_hidden):
     net = make_net(features=3, num_hidden=num_hidden, activation=activation)
