@@ -18,7 +18,8 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
 
 - ``steps``: forward + backward + ``optimizer.step()`` (and normflows' Lipschitz upkeep),
   every model of a case interleaved in rounds with 2 torch threads; the median over rounds
-  of the mean step time, and the ratio to the fastest flows variant.
+  of the mean step time, and the ratio to the fastest flows variant (with the quartiles of
+  the ratio taken round by round, the spread the machine's drift leaves).
 - ``memory``: peak resident memory added by 5 training steps after 2 warm-up steps, each
   model alone in a fresh process (the peak RSS over the steps minus the RSS before them,
   Linux, with glibc returning freed tensors to the system); and the same for the i-ResNet
@@ -161,13 +162,22 @@ def time_steps(case: str, rounds: int, steps: int, device: torch.device) -> list
             synchronize(device)
             times[name].append(1000 * (time.perf_counter() - start) / steps)
     ms = {name: float(np.median(t)) for name, t in times.items()}
-    fastest = min(v for k, v in ms.items() if k.startswith("flows"))
-    rows = [{"library": name, "ms_per_step": ms[name], "ratio_to_flows": ms[name] / fastest,
+    fastest = min((k for k in ms if k.startswith("flows")), key=ms.get)
+    rows = [{"library": name, "ms_per_step": ms[name], "ratio_to_flows": ms[name] / ms[fastest],
+             "ratio_quartiles": paired_ratio_quartiles(times[name], times[fastest]),
              "note": candidates[name].note} for name in candidates]
     if device.type == "cuda":
         for row in rows:
             row["cuda_peak_mib"] = cuda_peak_mib(steppers[row["library"]], x)
     return rows
+
+
+def paired_ratio_quartiles(times: list[float], reference: list[float]) -> list[float]:
+    """The 25th and 75th percentiles of ``times[r] / reference[r]`` over rounds ``r``: the
+    spread of the ratio between two models timed in the same rounds, which the machine's
+    drift from round to round moves less than either time."""
+    ratios = np.asarray(times) / np.asarray(reference)
+    return [float(q) for q in np.percentile(ratios, [25, 75])]
 
 
 def peak_memory_child(case: str, name: str, num_terms: int | None) -> None:
@@ -381,14 +391,16 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
              f"tables measured on different machines differ in absolute times.", ""]
     for case, rows in report.get("steps", {}).items():
         lines += [f"## Step time: {case}", "", *machine_line(report, f"steps/{case}"),
-                  "| library | ms/step | ratio to flows | "
+                  "| library | ms/step | ratio to flows (per-round quartiles) | "
                   "peak memory added (MiB) | note |", "|---|---|---|---|---|"]
         memory = report.get("memory", {}).get(case, {})
         for r in rows:
             mib = memory.get(r["library"], r.get("cuda_peak_mib"))
             mib = "" if mib is None else f"{mib:.0f}"
+            spread = r.get("ratio_quartiles")
+            spread = f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else ""
             lines.append(f"| {r['library']} | {r['ms_per_step']:.1f} | "
-                         f"{r['ratio_to_flows']:.2f} | {mib} | {r['note']} |")
+                         f"{r['ratio_to_flows']:.2f}{spread} | {mib} | {r['note']} |")
         lines.append("")
     sweep = report.get("memory", {}).get("i-ResNet 2-D series terms")
     if sweep:

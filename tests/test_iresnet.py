@@ -12,7 +12,8 @@ from flows.bijections.normalization import ActNorm
 from flows.bijections.residual import ResidualBlock, logdet_power_series
 from flows.bijections.residual_chain import MLPResidualChain
 from flows.core import Compose, NormalizingFlow, first_nonfinite_bijection
-from flows.models.iresnet import IResNet
+from flows.models.iresnet import ConvIResNet, IResNet
+from flows.nn import lipschitz_conv
 from flows.nn.activations import ELU, LipSwish, elu
 from flows.nn.compile import CompiledOrEager
 from flows.nn.lipschitz import (
@@ -738,6 +739,30 @@ def test_fused_chain_matches_layer_by_layer(activation, compile_, per_call, seri
         model.eval()
     assert chain.fusable(x[:5])
     assert_same_training_results(*models, x[:5], seed=3)
+
+
+@pytest.mark.parametrize(("activation", "gradient"),
+                         [("elu", "neumann"), ("lipswish", "backprop")])
+def test_compiled_conv_iresnet_matches_eager(activation, gradient):
+    """``ConvIResNet(compile=True)`` gives the eager model's log p(x), gradients and state
+    (power-iteration vectors, ActNorm init) over two training steps (two scales, so two
+    compiled graphs; the same seed gives both the same probes), then in eval mode."""
+    models = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = ConvIResNet((1, 4, 4), num_scales=2, num_blocks=2, hidden_channels=4,
+                            activation=activation, lipschitz_coeff=0.9, num_terms=4,
+                            series_gradient=gradient, eval_num_terms=6, eval_num_probes=2,
+                            n_power_iterations=2, compile=compile_)
+        models.append(perturb_(model, scale=0.5).double().train())
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64) * 0.9 + 0.05
+    assert_same_training_results(*models, x, seed=1)
+    compiled = lipschitz_conv._conv_branch_series_compiled
+    assert compiled.compiled is not None and not compiled.failed  # it did compile
+    assert_same_training_results(*models, x.flip(0), seed=2)  # updated u, v; ActNorm set
+    for model in models:
+        model.eval()
+    assert_same_training_results(*models, x[:3], seed=3)
 
 
 def test_chain_runs_layer_by_layer_under_hooks_and_for_mixed_logdets():

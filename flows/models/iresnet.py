@@ -128,6 +128,8 @@ class ConvIResNet(NormalizingFlow):
         n_power_iterations: power-iteration steps per training forward of each convolution.
         inverse_atol, inverse_rtol, inverse_max_iterations: each block's fixed-point inverse.
         alpha: the logit transform's ``alpha``.
+        compile: run each block's series in training steps through ``torch.compile``
+            (``LipschitzConvNet``): one graph per scale, compiled at the first step.
 
     References:
         Behrmann et al., Invertible Residual Networks (2019), https://arxiv.org/abs/1811.00995
@@ -154,6 +156,7 @@ class ConvIResNet(NormalizingFlow):
         inverse_rtol: float = 1e-5,
         inverse_max_iterations: int = 1000,
         alpha: float = 0.05,
+        compile: bool = False,
     ) -> None:
         shape = image_shape(shape, "ConvIResNet")
         if num_scales < 1 or num_blocks < 1:
@@ -162,7 +165,7 @@ class ConvIResNet(NormalizingFlow):
 
         def block(block_shape: tuple[int, int, int]) -> list[Bijection]:
             net = LipschitzConvNet(block_shape, hidden_channels, activation, lipschitz_coeff,
-                                   n_power_iterations)
+                                   n_power_iterations, compile)
             residual = ResidualBlock(
                 net, logdet="series", num_terms=num_terms, num_probes=num_probes,
                 eval_num_terms=eval_num_terms, eval_num_probes=eval_num_probes, probe=probe,

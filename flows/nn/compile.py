@@ -10,9 +10,10 @@ import torch
 
 
 class CompiledOrEager:
-    """Calls ``torch.compile(fn, dynamic=True)``; falls back to ``fn`` if compiling fails.
+    """Calls ``torch.compile(fn, dynamic=dynamic)``; falls back to ``fn`` if compiling fails.
 
-    ``dynamic=True`` gives one graph for every batch size. ``torch.compile`` itself (and the
+    ``dynamic=True`` gives one graph for every batch size; ``False`` one per input shape
+    (where inductor cannot generate code for symbolic shapes). ``torch.compile`` itself (and the
     import of its compiler stack, seconds) waits for the first call, so importing a module that
     defines one costs nothing. Compilation happens at the first call (seconds on a CPU;
     inductor caches the result on disk for later processes). If it raises (no C++ compiler, an
@@ -20,8 +21,9 @@ class CompiledOrEager:
     eagerly, with the same results.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], dynamic: bool = True) -> None:
         self.fn = fn
+        self.dynamic = dynamic
         self.compiled: Callable[..., Any] | None = None
         self.failed = False
 
@@ -29,7 +31,7 @@ class CompiledOrEager:
         if not self.failed:
             try:
                 if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=True)
+                    self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
                 return self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - any compiler failure: run eagerly
                 self.failed = True

@@ -22,7 +22,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from flows.nn.activations import ACTIVATIONS
+from flows.nn.activations import ACTIVATIONS, elu_with_derivative, lipswish_with_derivative
+from flows.nn.compile import CompiledOrEager
 from flows.nn.lipschitz import SpectralNormalization, _check_coeff, top_singular_value
 from flows.nn.power_series import series_from_products
 
@@ -82,6 +83,8 @@ class LipschitzConvNet(nn.Module):
         activation: ``"elu"`` or ``"lipswish"`` (smooth, as the log-det gradient needs).
         coeff: operator-norm target ``c`` of each convolution, in (0, 1).
         n_power_iterations: power-iteration steps per training forward.
+        compile: run the training steps' series through ``torch.compile``
+            (``forward_with_series_logdet``; eager with a warning if compiling fails).
 
     References:
         Behrmann et al., Invertible Residual Networks (2019), App. C.3,
@@ -90,7 +93,7 @@ class LipschitzConvNet(nn.Module):
 
     def __init__(self, shape: Sequence[int], hidden_channels: int = 32,
                  activation: str = "elu", coeff: float = 0.9,
-                 n_power_iterations: int = 1) -> None:
+                 n_power_iterations: int = 1, compile: bool = False) -> None:
         super().__init__()
         _check_coeff(coeff)
         if activation not in ACTIVATIONS:
@@ -106,7 +109,9 @@ class LipschitzConvNet(nn.Module):
             layers.append(conv)
         self.convs = nn.ModuleList(layers)
         self.activations = nn.ModuleList(ACTIVATIONS[activation]() for _ in range(2))
+        self.activation = activation
         self.coeff = coeff
+        self.compile = compile
 
     @property
     def lipschitz_bound(self) -> float:
@@ -123,28 +128,49 @@ class LipschitzConvNet(nn.Module):
         self, x: Tensor, probes: Tensor, num_terms: int, create_graph: bool, gradient: str,
     ) -> tuple[Tensor, Tensor]:
         """``g(x)`` ``(B, C, H, W)`` and the power-series log-det samples ``(P, B)`` for
-        ``probes`` ``(P, B, C, H, W)``, from hand-written products with
-        ``J_g = K_3 S_2 K_2 S_1 K_1`` (``K_l`` the convolutions, ``S_l`` the activations'
-        slopes): ``conv_vjp`` and ``conv_jvp`` in ``series_from_products``, which says what
-        ``create_graph`` and ``gradient`` (``"neumann"`` or ``"backprop"``) do. Each weight
-        is normalised once, as in ``forward`` (a training-mode power-iteration step)."""
-        weights = [conv.weight for conv in self.convs]
-        h, slopes = x, []
-        for conv, weight, act in zip(self.convs[:-1], weights[:-1], self.activations,
-                                     strict=True):
-            h, slope = act.forward_with_derivative(
-                F.conv2d(h, weight, conv.bias, padding=conv.padding))
-            slopes.append(slope)
-        gx = F.conv2d(h, weights[-1], self.convs[-1].bias, padding=self.convs[-1].padding)
-        paddings = [conv.padding for conv in self.convs]
-        samples = series_from_products(
-            probes, weights, slopes, functools.partial(conv_vjp, paddings=paddings),
-            functools.partial(conv_jvp, paddings=paddings), num_terms, create_graph, gradient)
-        return gx, samples
+        ``probes`` ``(P, B, C, H, W)``: ``conv_branch_series`` on the normalised weights (each
+        normalised once, as in ``forward``: a training-mode power-iteration step, outside the
+        compiled function). With ``compile``, calls that build the gradient's graph
+        (``create_graph``, training steps) run it through ``torch.compile``, one graph per
+        input shape; the no-grad evaluations (more terms, varying batch sizes) run eagerly."""
+        activation_params = ([act.raw_beta for act in self.activations]
+                             if self.activation == "lipswish" else [])
+        series = (_conv_branch_series_compiled if self.compile and create_graph
+                  else conv_branch_series)
+        return series(
+            x, probes, [conv.weight for conv in self.convs], [conv.bias for conv in self.convs],
+            [conv.padding[0] for conv in self.convs], self.activation, activation_params,
+            num_terms, create_graph, gradient)
+
+
+def conv_branch_series(
+    x: Tensor, probes: Tensor, weights: list[Tensor], biases: list[Tensor], paddings: list[int],
+    activation: str, activation_params: list[Tensor], num_terms: int, create_graph: bool,
+    gradient: str,
+) -> tuple[Tensor, Tensor]:
+    """``g(x)`` and the series samples ``(P, B)`` from hand-written products with
+    ``J_g = K_3 S_2 K_2 S_1 K_1`` (``K_l`` the convolutions, ``S_l`` the activations' slopes),
+    pure: ``conv_vjp`` and ``conv_jvp`` in ``series_from_products``, which says what
+    ``create_graph`` and ``gradient`` (``"neumann"`` or ``"backprop"``) do. ``activation``
+    ``"elu"``, or ``"lipswish"`` with ``activation_params`` its two ``raw_beta``."""
+    h, slopes = x, []
+    for layer, (weight, bias, padding) in enumerate(zip(weights[:-1], biases[:-1], paddings[:-1],
+                                                        strict=True)):
+        pre = F.conv2d(h, weight, bias, padding=padding)
+        if activation == "elu":
+            h, slope = elu_with_derivative(pre)
+        else:
+            h, slope = lipswish_with_derivative(pre, activation_params[layer])
+        slopes.append(slope)
+    gx = F.conv2d(h, weights[-1], biases[-1], padding=paddings[-1])
+    samples = series_from_products(
+        probes, weights, slopes, functools.partial(conv_vjp, paddings=paddings),
+        functools.partial(conv_jvp, paddings=paddings), num_terms, create_graph, gradient)
+    return gx, samples
 
 
 def conv_vjp(w: Tensor, weights: list[Tensor], slopes: list[Tensor],
-             paddings: list[tuple[int, int]]) -> Tensor:
+             paddings: list[int]) -> Tensor:
     """``w^T J_g = K_1^T (s_1 * K_2^T (s_2 * K_3^T w))`` for ``w`` ``(P, B, C, H, W)``; ``K^T``
     is the transposed convolution (the adjoint of a stride-1, same-size convolution) and the
     slopes ``(B, C_l, H, W)`` broadcast over the ``P`` probes."""
@@ -157,7 +183,7 @@ def conv_vjp(w: Tensor, weights: list[Tensor], slopes: list[Tensor],
 
 
 def conv_jvp(v: Tensor, weights: list[Tensor], slopes: list[Tensor],
-             paddings: list[tuple[int, int]]) -> Tensor:
+             paddings: list[int]) -> Tensor:
     """``J_g v = K_3 (s_2 * K_2 (s_1 * K_1 v))`` for ``v`` ``(P, B, C, H, W)``."""
     lead = v.shape[:2]
     t = F.conv2d(v.flatten(0, 1), weights[0], padding=paddings[0])
@@ -188,3 +214,6 @@ def conv_operator_norm(normalization: ConvSpectralNormalization, weight: Tensor,
         lambda y: normalization.operator_adjoint(weight, y),
         start.to(weight.device), normalization.eps, max_iterations, rtol)
     return sigma
+
+
+_conv_branch_series_compiled = CompiledOrEager(conv_branch_series, dynamic=False)
