@@ -102,6 +102,19 @@ CASES = {
     "images 1x28x28": (lambda: image_candidates("mnist"), lambda: image_batch("mnist"), 1e-4),
 }
 
+# The comparisons issue 5 sets targets for: per case, a flows model against the fastest (by
+# median) of the peers listed, each of which trains the likelihood (FrEIA's IResNetLayer does
+# not, see peer_models) and has the same architecture; with the target ratio.
+PAIRS = {
+    "Real NVP 2-D": [("flows compiled", ["normflows", "nflows", "zuko", "FrEIA"], 0.5)],
+    "i-ResNet 2-D": [("flows exact, compiled", ["normflows brute-force 2-D"], 0.5),
+                     ("flows series 5 terms, neumann, compiled",
+                      ["normflows unbiased, memory-saving"], 0.5)],
+    **{case: [("flows glow", ["normflows Glow 2x8, 64 ch"], 0.67),
+              ("flows iresnet", ["normflows i-ResNet 2x6, 32 ch"], 0.67)]
+       for case in ("images 1x8x8", "images 1x28x28")},
+}
+
 
 def trainer(candidate: Candidate, lr: float):
     optimizer = torch.optim.Adam(candidate.model.parameters(), lr=lr, fused=True)
@@ -165,7 +178,7 @@ def time_steps(case: str, rounds: int, steps: int, device: torch.device) -> list
     fastest = min((k for k in ms if k.startswith("flows")), key=ms.get)
     rows = [{"library": name, "ms_per_step": ms[name], "ratio_to_flows": ms[name] / ms[fastest],
              "ratio_quartiles": paired_ratio_quartiles(times[name], times[fastest]),
-             "note": candidates[name].note} for name in candidates]
+             "ms_rounds": times[name], "note": candidates[name].note} for name in candidates]
     if device.type == "cuda":
         for row in rows:
             row["cuda_peak_mib"] = cuda_peak_mib(steppers[row["library"]], x)
@@ -384,11 +397,38 @@ def machine_line(report: dict, key: str) -> list[str]:
             f"float32 matmul {stamp['matmul_gflops']:.0f} GFLOP/s (2048^3).", ""]
 
 
+def target_table(steps: dict) -> list[str]:
+    """Markdown rows for ``PAIRS``: flows' step time over the fastest listed peer's, the median
+    over rounds of the ratio and its quartiles, taken round by round (cases measured before
+    per-round times were kept are left out)."""
+    lines = []
+    for case, pairs in PAIRS.items():
+        rows = {r["library"]: r for r in steps.get(case, []) if "ms_rounds" in r}
+        for ours, peers, target in pairs:
+            present = [p for p in peers if p in rows]
+            if ours not in rows or not present:
+                continue
+            peer = min(present, key=lambda p: rows[p]["ms_per_step"])
+            ratios = np.asarray(rows[ours]["ms_rounds"]) / np.asarray(rows[peer]["ms_rounds"])
+            low, median, high = np.percentile(ratios, [25, 50, 75])
+            lines.append(f"| {case} | {ours} | {peer} | {median:.2f} ({low:.2f}-{high:.2f}) | "
+                         f"{target} |")
+    if not lines:
+        return []
+    return ["## Against the targets: flows' step time over the fastest peer's", "",
+            "Per round, flows' time over the peer's from the same round; the median and "
+            "quartiles over rounds. Peers as in the tables below (the same architecture, "
+            "training the likelihood).", "",
+            "| case | flows | fastest peer | ratio (quartiles) | target |",
+            "|---|---|---|---|---|", *lines, ""]
+
+
 def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     lines = [f"# flows against peer libraries ({date.today()})", "",
              f"torch {torch.__version__}; `python benchmarks/compare_peers.py` (sections as "
              f"below; the method is in the script's docstring). Compare ratios within a table: "
              f"tables measured on different machines differ in absolute times.", ""]
+    lines += target_table(report.get("steps", {}))
     for case, rows in report.get("steps", {}).items():
         lines += [f"## Step time: {case}", "", *machine_line(report, f"steps/{case}"),
                   "| library | ms/step | ratio to flows (per-round quartiles) | "
