@@ -176,21 +176,24 @@ def time_steps(case: str, rounds: int, steps: int, device: torch.device) -> list
             times[name].append(1000 * (time.perf_counter() - start) / steps)
     ms = {name: float(np.median(t)) for name, t in times.items()}
     fastest = min((k for k in ms if k.startswith("flows")), key=ms.get)
-    rows = [{"library": name, "ms_per_step": ms[name], "ratio_to_flows": ms[name] / ms[fastest],
-             "ratio_quartiles": paired_ratio_quartiles(times[name], times[fastest]),
-             "ms_rounds": times[name], "note": candidates[name].note} for name in candidates]
+    rows = []
+    for name in candidates:
+        low, median, high = paired_ratio_percentiles(times[name], times[fastest])
+        rows.append({"library": name, "ms_per_step": ms[name], "ratio_to_flows": median,
+                     "ratio_quartiles": [low, high], "ms_rounds": times[name],
+                     "note": candidates[name].note})
     if device.type == "cuda":
         for row in rows:
             row["cuda_peak_mib"] = cuda_peak_mib(steppers[row["library"]], x)
     return rows
 
 
-def paired_ratio_quartiles(times: list[float], reference: list[float]) -> list[float]:
-    """The 25th and 75th percentiles of ``times[r] / reference[r]`` over rounds ``r``: the
-    spread of the ratio between two models timed in the same rounds, which the machine's
-    drift from round to round moves less than either time."""
+def paired_ratio_percentiles(times: list[float], reference: list[float]) -> list[float]:
+    """The 25th, 50th and 75th percentiles of ``times[r] / reference[r]`` over rounds ``r``:
+    the ratio between two models timed in the same rounds, which the machine's drift from
+    round to round moves less than either time."""
     ratios = np.asarray(times) / np.asarray(reference)
-    return [float(q) for q in np.percentile(ratios, [25, 75])]
+    return [float(q) for q in np.percentile(ratios, [25, 50, 75])]
 
 
 def peak_memory_child(case: str, name: str, num_terms: int | None) -> None:
@@ -409,8 +412,8 @@ def target_table(steps: dict) -> list[str]:
             if ours not in rows or not present:
                 continue
             peer = min(present, key=lambda p: rows[p]["ms_per_step"])
-            ratios = np.asarray(rows[ours]["ms_rounds"]) / np.asarray(rows[peer]["ms_rounds"])
-            low, median, high = np.percentile(ratios, [25, 50, 75])
+            low, median, high = paired_ratio_percentiles(rows[ours]["ms_rounds"],
+                                                         rows[peer]["ms_rounds"])
             lines.append(f"| {case} | {ours} | {peer} | {median:.2f} ({low:.2f}-{high:.2f}) | "
                          f"{target} |")
     if not lines:
@@ -431,7 +434,7 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     lines += target_table(report.get("steps", {}))
     for case, rows in report.get("steps", {}).items():
         lines += [f"## Step time: {case}", "", *machine_line(report, f"steps/{case}"),
-                  "| library | ms/step | ratio to flows (per-round quartiles) | "
+                  "| library | ms/step | ratio to flows (per-round median, quartiles) | "
                   "peak memory added (MiB) | note |", "|---|---|---|---|---|"]
         memory = report.get("memory", {}).get(case, {})
         for r in rows:
