@@ -18,8 +18,8 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
 
 - ``steps``: forward + backward + ``optimizer.step()`` (and normflows' Lipschitz upkeep),
   every model of a case interleaved in rounds with 2 torch threads; the median over rounds
-  of the mean step time, and the ratio to the fastest flows variant (with the quartiles of
-  the ratio taken round by round, the spread the machine's drift leaves).
+  of the mean step time, and the ratio to the fastest flows variant taken round by round
+  (its median and quartiles over rounds: the machine's drift moves a ratio less than a time).
 - ``memory``: peak resident memory added by 5 training steps after 2 warm-up steps, each
   model alone in a fresh process (the peak RSS over the steps minus the RSS before them,
   Linux, with glibc returning freed tensors to the system); and the same for the i-ResNet
