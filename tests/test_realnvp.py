@@ -20,6 +20,7 @@ MASKS = {
     "alternate0": alternating_mask(5, 0),
     "alternate1": alternating_mask(5, 1),
     "half": half_mask(5),
+    "half_reversed": ~half_mask(5),
     "custom": torch.tensor([False, True, True, False, True]),
 }
 
@@ -88,9 +89,9 @@ def test_additive_coupling_bijection_with_exactly_zero_logdet(mask):
     assert torch.equal(layer.inverse(z)[1], torch.zeros(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
 @pytest.mark.parametrize("cls", [AffineCoupling, AdditiveCoupling])
-def test_coupling_starts_as_identity_and_copies_conditioning_features(cls):
-    mask = MASKS["custom"]
+def test_coupling_starts_as_identity_and_copies_conditioning_features(cls, mask):
     layer = cls(5, mask, hidden_features=8)
     x = torch.randn(4, 5)
     z, logdet = layer(x)
