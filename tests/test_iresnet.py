@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from flows.bijections.normalization import ActNorm
 from flows.bijections.residual import ResidualBlock, logdet_power_series
@@ -807,3 +808,49 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
         assert function(torch.ones(2)).tolist() == [2.0, 2.0]
     assert function(torch.ones(1)).tolist() == [2.0]
     assert len(attempts) == 1  # later calls go straight to eager
+
+
+def _conv_chain(x, weights):
+    for weight in weights:
+        x = torch.sin(F.conv2d(x, weight, padding=1))
+    return x
+
+
+def conv_chain_default_budget(x, weights):
+    return _conv_chain(x, weights)
+
+
+def conv_chain_small_budget(x, weights):  # another code object: its own compiled graphs
+    return _conv_chain(x, weights)
+
+
+def test_activation_memory_budget_keeps_less_for_the_backward_with_the_same_gradients():
+    """``CompiledOrEager(activation_memory_budget=...)`` reaches the partitioner: the graph
+    a forward leaves holds fewer bytes for the backward (it recomputes convolutions there),
+    and the gradients are the eager ones."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True) / 5
+               for _ in range(4)]
+
+    def saved_bytes_and_grads(fn):
+        refs = []
+
+        def pack(tensor):
+            refs.append(Saved(tensor))
+            return refs[-1]
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
+            out = fn(x, weights).sum()
+        saved = sum(s.tensor.numel() * s.tensor.element_size() for s in refs)
+        return saved, torch.autograd.grad(out, [x, *weights])
+
+    eager_bytes, eager_grads = saved_bytes_and_grads(_conv_chain)
+    results = {budget: saved_bytes_and_grads(CompiledOrEager(fn, activation_memory_budget=budget))
+               for budget, fn in ((None, conv_chain_default_budget),
+                                  (0.1, conv_chain_small_budget))}
+    for _, grads in results.values():
+        for got, want in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert 0 < results[0.1][0] < 0.7 * results[None][0], (results[0.1][0], results[None][0],
+                                                         eager_bytes)

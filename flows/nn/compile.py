@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -19,20 +20,37 @@ class CompiledOrEager:
     inductor caches the result on disk for later processes). If it raises (no C++ compiler, an
     unsupported platform or op), a ``RuntimeWarning`` says why and every later call runs ``fn``
     eagerly, with the same results.
+
+    ``activation_memory_budget`` (in ``(0, 1]``, or ``None`` for torch's default, 1): the
+    fraction of the activations that the partitioner of a graph's forward and backward
+    (AOTAutograd's min-cut) keeps for the backward by default that it may keep; it recomputes
+    the rest in the backward (``torch._functorch.config.activation_memory_budget``, set while
+    this function compiles and runs; ignored by a torch without it). The results are the same.
     """
 
-    def __init__(self, fn: Callable[..., Any], dynamic: bool = True) -> None:
+    def __init__(self, fn: Callable[..., Any], dynamic: bool = True,
+                 activation_memory_budget: float | None = None) -> None:
         self.fn = fn
         self.dynamic = dynamic
+        self.activation_memory_budget = activation_memory_budget
         self.compiled: Callable[..., Any] | None = None
         self.failed = False
+
+    def _partitioner_settings(self) -> AbstractContextManager[Any]:
+        import torch._functorch.config as functorch_config
+
+        if (self.activation_memory_budget is None
+                or not hasattr(functorch_config, "activation_memory_budget")):
+            return nullcontext()
+        return functorch_config.patch(activation_memory_budget=self.activation_memory_budget)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.failed:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
-                return self.compiled(*args, **kwargs)
+                with self._partitioner_settings():
+                    return self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - any compiler failure: run eagerly
                 self.failed = True
                 warnings.warn(
