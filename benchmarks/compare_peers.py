@@ -69,6 +69,7 @@ from flows.runs import use_tf32
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("steps", "memory", "budget", "budget-decay", "sampling")
 TOY_SETS = ("moons", "8gaussians", "checkerboard")
+SERIES_SWEEP = "memory/i-ResNet 2-D series terms"  # its machine stamp's key
 
 
 def toy_splits(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +450,7 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     if sweep:
         terms = list(next(iter(sweep.values())))
         lines += ["## Peak memory added by the i-ResNet 2-D series (MiB) against its terms", "",
-                  *machine_line(report, "memory"),
+                  *machine_line(report, SERIES_SWEEP),
                   "| gradient | " + " | ".join(f"{n} terms" for n in terms) + " |",
                   "|---|" + "---|" * len(terms)]
         lines += [f"| {g} | " + " | ".join(f"{v:.0f}" for v in row.values()) + " |"
@@ -547,6 +548,8 @@ def main() -> None:
                                   "rates": sampling_section(args.sampling_train_s,
                                                             args.device)}
         keys = [f"steps/{case}" for case in args.cases] if section == "steps" else [section]
+        if section == "memory" and "i-ResNet 2-D" in args.cases:
+            keys.append(SERIES_SWEEP)
         report.setdefault("machines", {}).update(dict.fromkeys(keys, stamp))
         path.write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(report, args, RESULTS / f"{stem}.md")
