@@ -21,11 +21,11 @@ class CompiledOrEager:
     unsupported platform or op), a ``RuntimeWarning`` says why and every later call runs ``fn``
     eagerly, with the same results.
 
-    ``activation_memory_budget`` (in ``(0, 1]``, or ``None`` for torch's default, 1): the
-    fraction of the activations that the partitioner of a graph's forward and backward
-    (AOTAutograd's min-cut) keeps for the backward by default that it may keep; it recomputes
-    the rest in the backward (``torch._functorch.config.activation_memory_budget``, set while
-    this function compiles and runs; ignored by a torch without it). The results are the same.
+    ``activation_memory_budget`` (in ``(0, 1]``; ``None``: torch's default, 1): the graph saves
+    for the backward at most this fraction of the activations that torch's partitioner
+    (AOTAutograd's min-cut) would save by default, and recomputes the rest in the backward
+    (``torch._functorch.config.activation_memory_budget``, set while this function compiles
+    and runs; ignored by a torch without it). The values are the same up to rounding.
     """
 
     def __init__(self, fn: Callable[..., Any], dynamic: bool = True,
