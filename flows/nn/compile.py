@@ -25,7 +25,9 @@ class CompiledOrEager:
     for the backward at most this fraction of the activations that torch's partitioner
     (AOTAutograd's min-cut) would save by default, and recomputes the rest in the backward
     (``torch._functorch.config.activation_memory_budget``, set while this function compiles
-    and runs; ignored by a torch without it). The values are the same up to rounding.
+    and runs; ignored by a torch without it). The values are the same up to rounding. The
+    budget takes effect when a graph is compiled and torch's cache of compiled graphs does not
+    key on it, so a function should be wrapped once.
     """
 
     def __init__(self, fn: Callable[..., Any], dynamic: bool = True,

@@ -217,7 +217,7 @@ def conv_operator_norm(normalization: ConvSpectralNormalization, weight: Tensor,
 
 
 # Keeping at most half the activations the partitioner would keep by default, and recomputing
-# the rest in the backward: a third of the memory a training step adds at 1x28x28, at the same
-# step time (README, "Peak memory").
+# the rest in the backward: a third of the memory a training step adds at 1x28x28 with the
+# default budget (README, "Peak memory").
 _conv_branch_series_compiled = CompiledOrEager(conv_branch_series, dynamic=False,
                                                activation_memory_budget=0.5)
