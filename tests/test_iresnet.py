@@ -834,16 +834,8 @@ def test_activation_memory_budget_keeps_less_for_the_backward_with_the_same_grad
                for _ in range(4)]
 
     def saved_bytes_and_grads(fn):
-        refs = []
-
-        def pack(tensor):
-            refs.append(Saved(tensor))
-            return refs[-1]
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
-            out = fn(x, weights).sum()
-        saved = sum(s.tensor.numel() * s.tensor.element_size() for s in refs)
-        return saved, torch.autograd.grad(out, [x, *weights])
+        saved = retained_saved_bytes(lambda inputs: fn(inputs, weights), x)
+        return saved, torch.autograd.grad(fn(x, weights).sum(), [x, *weights])
 
     eager_bytes, eager_grads = saved_bytes_and_grads(_conv_chain)
     wrappers = {None: CompiledOrEager(conv_chain_default_budget),
