@@ -1,0 +1,93 @@
+"""Is a gap in compare_peers' 60-s NLL signal or noise? The budget run over many seeds.
+
+    python benchmarks/budget_seeds.py --sets checkerboard --seeds 0 1 2 3 4 5 6 7 8 9 \\
+        --models "flows compiled" normflows zuko
+
+The ``budget-decay`` protocol of ``compare_peers.py`` (Real NVP 2-D, the same batches and
+test points per seed for every library, the learning rate decayed linearly to 0 over the
+wall-clock budget, each run paying its own compilation), for the models and seeds asked for.
+Per set: each model's mean and standard deviation over seeds, and its paired difference to
+``--reference`` seed by seed (the test points are the same, so the difference is paired): the
+mean difference, a 95% t-interval for it, and in how many seeds the reference is better.
+Writes ``benchmarks/results/budget_seeds.{json,md}`` (a new run replaces the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+
+import numpy as np
+import torch
+from compare_peers import RESULTS, budget_section, machine_line, machine_stamp
+from scipy import stats
+
+from flows.data.toy import TOY_DATASETS
+
+
+def paired(nll: list[float], reference: list[float]) -> dict:
+    """Mean of ``nll - reference`` over seeds, its 95% t-interval, and the seeds where the
+    reference is lower."""
+    diff = np.asarray(nll) - np.asarray(reference)
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return {"mean": float(diff.mean()), "ci95": [float(diff.mean() - half),
+                                                  float(diff.mean() + half)],
+            "reference_better": int((diff > 0).sum()), "seeds": len(diff)}
+
+
+def write_markdown(report: dict) -> None:
+    lines = [f"# {report['budget_s']:.0f}-s test NLL over {len(report['seeds'])} seeds "
+             f"({report['date']})", "",
+             f"`python benchmarks/budget_seeds.py` (Real NVP 2-D, {report['budget_s']:.0f} s, "
+             f"learning rate decayed linearly to 0; seeds {report['seeds']}).", "",
+             *machine_line(report, "budget_seeds"),
+             f"| set | model | mean NLL | sd | steps | minus {report['reference']} "
+             f"(95% CI) | {report['reference']} better |", "|---|---|---|---|---|---|---|"]
+    for data_name, models in report["sets"].items():
+        for name, row in models.items():
+            vs = row.get("paired")
+            cells = ("", "") if vs is None else (
+                f"{vs['mean']:+.4f} ({vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f})",
+                f"{vs['reference_better']} of {vs['seeds']}")
+            lines.append(f"| {data_name} | {name} | {np.mean(row['nll']):.4f} | "
+                         f"{np.std(row['nll'], ddof=1):.4f} | {np.mean(row['steps']):,.0f} | "
+                         f"{cells[0]} | {cells[1]} |")
+    (RESULTS / "budget_seeds.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", choices=TOY_DATASETS, default=["checkerboard"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--models", nargs="+",
+                        default=["flows compiled", "normflows", "zuko"])
+    parser.add_argument("--reference", default="flows compiled")
+    parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.reference not in args.models:
+        parser.error(f"--reference {args.reference!r} must be one of --models")
+    if len(args.seeds) < 2:
+        parser.error("give at least 2 seeds: the interval needs a spread")
+    torch.set_num_threads(args.threads)
+    runs = budget_section(args.budget_s, args.seeds, ["Real NVP 2-D"], args.sets, decay=True,
+                          models=args.models)["Real NVP 2-D"]
+    report = {"date": date.today().isoformat(), "budget_s": args.budget_s, "seeds": args.seeds,
+              "reference": args.reference,
+              "machines": {"budget_seeds": machine_stamp(args.threads, torch.device("cpu"))},
+              "sets": {}}
+    for data_name in args.sets:
+        reference = runs[args.reference][data_name]["nll"]
+        for name in args.models:
+            row = dict(runs[name][data_name])
+            if name != args.reference:
+                row["paired"] = paired(row["nll"], reference)
+            report["sets"].setdefault(data_name, {})[name] = row
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "budget_seeds.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report)
+
+
+if __name__ == "__main__":
+    main()
