@@ -9,7 +9,8 @@ wall-clock budget, each run paying its own compilation), for the models and seed
 Per set: each model's mean and standard deviation over seeds, and its paired difference to
 ``--reference`` seed by seed (the test points are the same, so the difference is paired): the
 mean difference, a 95% t-interval for it, and in how many seeds the reference is better.
-Writes ``benchmarks/results/budget_seeds.{json,md}`` (a new run replaces the file).
+Writes ``benchmarks/results/budget_seeds.{json,md}``; a run with the same budget, seeds and
+reference replaces its own sets' rows and keeps the others.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def write_markdown(report: dict) -> None:
              f"({report['date']})", "",
              f"`python benchmarks/budget_seeds.py` (Real NVP 2-D, {report['budget_s']:.0f} s, "
              f"learning rate decayed linearly to 0; seeds {report['seeds']}).", "",
-             *machine_line(report, "budget_seeds"),
+             *[f"{data_name}: {machine_line(report, data_name)[0]}"
+               for data_name in report["sets"]],
+             "",
              f"| set | model | mean NLL | sd | steps | minus {report['reference']} "
              f"(95% CI) | {report['reference']} better |", "|---|---|---|---|---|---|---|"]
     for data_name, models in report["sets"].items():
@@ -73,19 +76,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs = budget_section(args.budget_s, args.seeds, ["Real NVP 2-D"], args.sets, decay=True,
                           models=args.models)["Real NVP 2-D"]
-    report = {"date": date.today().isoformat(), "budget_s": args.budget_s, "seeds": args.seeds,
-              "reference": args.reference,
-              "machines": {"budget_seeds": machine_stamp(args.threads, torch.device("cpu"))},
-              "sets": {}}
+    path = RESULTS / "budget_seeds.json"
+    before = json.loads(path.read_text()) if path.exists() else {}
+    protocol = {"budget_s": args.budget_s, "seeds": args.seeds, "reference": args.reference}
+    kept = before if all(before.get(k) == v for k, v in protocol.items()) else {}
+    report = {"date": date.today().isoformat(), **protocol,
+              "machines": kept.get("machines", {}), "sets": kept.get("sets", {})}
     for data_name in args.sets:
+        report["machines"][data_name] = machine_stamp(args.threads, torch.device("cpu"))
         reference = runs[args.reference][data_name]["nll"]
+        report["sets"][data_name] = {}
         for name in args.models:
             row = dict(runs[name][data_name])
             if name != args.reference:
                 row["paired"] = paired(row["nll"], reference)
-            report["sets"].setdefault(data_name, {})[name] = row
+            report["sets"][data_name][name] = row
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "budget_seeds.json").write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report)
 
 
