@@ -28,34 +28,49 @@ from flows.data.toy import TOY_DATASETS
 
 
 def paired(nll: list[float], reference: list[float]) -> dict:
-    """Mean of ``nll - reference`` over seeds, its 95% t-interval, and the seeds where the
-    reference is lower."""
+    """Mean of ``nll - reference`` over the seeds where both are finite, its 95% t-interval,
+    and the seeds where the reference is lower."""
     diff = np.asarray(nll) - np.asarray(reference)
+    diff = diff[np.isfinite(diff)]
     half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
     return {"mean": float(diff.mean()), "ci95": [float(diff.mean() - half),
                                                   float(diff.mean() + half)],
             "reference_better": int((diff > 0).sum()), "seeds": len(diff)}
 
 
+def model_row(data_name: str, name: str, row: dict, reference: list[float] | None) -> str:
+    """One table row: mean and sd of the finite runs (non-finite ones counted), mean steps,
+    and with ``reference`` the paired difference to it."""
+    nll = np.asarray(row["nll"])
+    finite = nll[np.isfinite(nll)]
+    failed = len(nll) - len(finite)
+    mean = f"{finite.mean():.4f}" + (f" ({failed} NaN)" if failed else "")
+    cells = ["", ""]
+    if reference is not None:
+        vs = paired(row["nll"], reference)
+        cells = [f"{vs['mean']:+.4f} ({vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f})",
+                 f"{vs['reference_better']} of {vs['seeds']}"]
+    return (f"| {data_name} | {name} | {mean} | {finite.std(ddof=1):.4f} | "
+            f"{np.mean(row['steps']):,.0f} | {cells[0]} | {cells[1]} |")
+
+
 def write_markdown(report: dict) -> None:
+    reference = report["reference"]
     lines = [f"# {report['budget_s']:.0f}-s test NLL over {len(report['seeds'])} seeds "
              f"({report['date']})", "",
              f"`python benchmarks/budget_seeds.py` (Real NVP 2-D, {report['budget_s']:.0f} s, "
-             f"learning rate decayed linearly to 0; seeds {report['seeds']}).", "",
+             f"learning rate decayed linearly to 0; seeds {report['seeds']}). Means and sds "
+             f"over the finite runs; differences paired by seed, over the seeds where both "
+             f"runs are finite.", "",
              *[f"{data_name}: {machine_line(report, data_name)[0]}"
                for data_name in report["sets"]],
              "",
-             f"| set | model | mean NLL | sd | steps | minus {report['reference']} "
-             f"(95% CI) | {report['reference']} better |", "|---|---|---|---|---|---|---|"]
+             f"| set | model | mean NLL | sd | steps | minus {reference} (95% CI) | "
+             f"{reference} better |", "|---|---|---|---|---|---|---|"]
     for data_name, models in report["sets"].items():
         for name, row in models.items():
-            vs = row.get("paired")
-            cells = ("", "") if vs is None else (
-                f"{vs['mean']:+.4f} ({vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f})",
-                f"{vs['reference_better']} of {vs['seeds']}")
-            lines.append(f"| {data_name} | {name} | {np.mean(row['nll']):.4f} | "
-                         f"{np.std(row['nll'], ddof=1):.4f} | {np.mean(row['steps']):,.0f} | "
-                         f"{cells[0]} | {cells[1]} |")
+            lines.append(model_row(data_name, name, row, None if name == reference else
+                                   models[reference]["nll"]))
     (RESULTS / "budget_seeds.md").write_text("\n".join(lines) + "\n")
 
 
@@ -84,13 +99,7 @@ def main() -> None:
               "machines": kept.get("machines", {}), "sets": kept.get("sets", {})}
     for data_name in args.sets:
         report["machines"][data_name] = machine_stamp(args.threads, torch.device("cpu"))
-        reference = runs[args.reference][data_name]["nll"]
-        report["sets"][data_name] = {}
-        for name in args.models:
-            row = dict(runs[name][data_name])
-            if name != args.reference:
-                row["paired"] = paired(row["nll"], reference)
-            report["sets"][data_name][name] = row
+        report["sets"][data_name] = {name: runs[name][data_name] for name in args.models}
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report)
