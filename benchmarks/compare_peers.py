@@ -31,7 +31,8 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
   compilation, paid afresh by every run. ``budget-decay``: the same with the learning rate
   decayed linearly to 0 over the budget's wall-clock time.
 - ``sampling``: samples per second at temperature 1 (batches of 10,000 for 2-D, 64 for
-  images) after ``--sampling-train-s`` seconds of training; for residual flows the
+  images; a case's models interleaved, median of 5 rounds) after ``--sampling-train-s``
+  seconds of training; for residual flows the
   fixed-point iterations over all blocks (flows) and the round-trip error
   ``max |f(f^-1(z)) - z|`` of the samples, each library's own stopping rule.
 
@@ -302,23 +303,31 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
 
 
 @torch.no_grad()
-def sample_rate(candidate: Candidate, n: int, device: torch.device) -> dict:
-    """Samples per second (median of 3 draws of ``n``), inverse iterations, round trip."""
-    candidate.sample(16)  # warm-up (compilation)
-    times = []
-    for _ in range(3):
-        synchronize(device)
-        start = time.perf_counter()
-        candidate.sample(n)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    row = {"samples_per_s": n / float(np.median(times))}
-    if candidate.inverse_iterations() is not None:
-        row["fixed_point_iterations"] = candidate.inverse_iterations()
-    if candidate.round_trip is not None:
-        z = torch.randn(n, *candidate.sample(1).shape[1:], device=device)
-        row["round_trip_error"] = float((candidate.round_trip(z) - z).abs().max())
-    return row
+def sample_rates(candidates: dict[str, Candidate], n: int, device: torch.device,
+                 rounds: int = 5) -> dict[str, dict]:
+    """Samples per second of each candidate (median over ``rounds`` of one draw of ``n``
+    each, the candidates interleaved within a round, so the machine's drift moves them
+    alike), its inverse iterations and round trip."""
+    for candidate in candidates.values():
+        candidate.sample(16)  # warm-up (compilation)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, candidate in candidates.items():
+            synchronize(device)
+            start = time.perf_counter()
+            candidate.sample(n)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    rows = {}
+    for name, candidate in candidates.items():
+        row = {"samples_per_s": n / float(np.median(times[name]))}
+        if candidate.inverse_iterations() is not None:  # of its last draw of n
+            row["fixed_point_iterations"] = candidate.inverse_iterations()
+        if candidate.round_trip is not None:
+            z = torch.randn(n, *candidate.sample(1).shape[1:], device=device)
+            row["round_trip_error"] = float((candidate.round_trip(z) - z).abs().max())
+        rows[name] = row
+    return rows
 
 
 def sampling_section(train_s: float, device: torch.device) -> dict:
@@ -327,7 +336,9 @@ def sampling_section(train_s: float, device: torch.device) -> dict:
     Trained, because an i-ResNet near its identity initialisation inverts in a step or two;
     sampled in eval mode, as users do (in training mode a spectral-norm power step runs in
     every forward, so the map moves between a fixed-point inverse and its check).
-    2-D models train on moons (batches of 512), image models on their one batch of 64.
+    2-D models train on moons (batches of 512), image models on their one batch of 64; then
+    a case's models draw interleaved (``sample_rates``). flows' exact 2-D i-ResNet is also
+    drawn at normflows' inverse accuracy (tolerance 3e-3), after the others.
     """
     report: dict = {}
     for case, (_, _, lr) in CASES.items():
@@ -335,23 +346,26 @@ def sampling_section(train_s: float, device: torch.device) -> dict:
         two_d = "2-D" in case
         train = toy_splits("moons", 0)[0].to(device) if two_d else None
         generator = torch.Generator().manual_seed(0)
-        n = 10_000 if two_d else 64
-        rows = {}
-        for name, candidate in candidates.items():
-            if any(word in name for word in ("series", "eager", "unbiased", "FrEIA IResNet")):
-                continue  # same inverse as a variant kept, or no inverse of its own
+        kept = {name: candidate for name, candidate in candidates.items()
+                if not any(word in name for word in ("series", "eager", "unbiased",
+                                                      "FrEIA IResNet"))}
+        # the others have the same inverse as a variant kept, or no inverse of their own
+        for candidate in kept.values():
             step, start = trainer(candidate, lr), time.perf_counter()
             while time.perf_counter() - start < train_s:
                 step(train[torch.randint(len(train), (512,), generator=generator)]
                      if two_d else x)
             candidate.model.eval()  # as a user samples: fixed weights (spectral norms)
-            rows[name] = sample_rate(candidate, n, device)
-            print(case, name, rows[name], flush=True)
-            if name.startswith("flows exact"):  # at normflows' inverse accuracy too
+        n = 10_000 if two_d else 64
+        rows = sample_rates(kept, n, device)
+        for name, candidate in kept.items():
+            if name.startswith("flows exact"):
                 for block in candidate.model.modules():
                     if hasattr(block, "inverse_atol"):
                         block.inverse_atol = block.inverse_rtol = 3e-3
-                rows[name + ", inverse tolerance 3e-3"] = sample_rate(candidate, n, device)
+                rows |= sample_rates({name + ", inverse tolerance 3e-3": candidate}, n, device)
+        for name, row in rows.items():
+            print(case, name, row, flush=True)
         report[case] = rows
     return report
 
