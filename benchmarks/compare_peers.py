@@ -283,7 +283,8 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
             for case in (case for case in builders if case in cases):
                 torch.manual_seed(seed)
                 for name, candidate in builders[case]().items():
-                    if name == "flows exact, eager" if models is None else name not in models:
+                    wanted = name != "flows exact, eager" if models is None else name in models
+                    if not wanted:
                         continue
                     torch._dynamo.reset()  # a compiled model pays its compilation every run
                     generator = torch.Generator().manual_seed(seed)
