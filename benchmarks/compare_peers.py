@@ -108,7 +108,7 @@ CASES = {
 # median) of the peers listed, each of which trains the likelihood (FrEIA's IResNetLayer does
 # not, see peer_models) and has the same architecture; with the target ratio.
 PAIRS = {
-    "Real NVP 2-D": [("flows compiled", ["normflows", "nflows", "zuko", "FrEIA"], 0.5)],
+    "Real NVP 2-D": [("flows compiled step", ["normflows", "nflows", "zuko", "FrEIA"], 0.5)],
     "i-ResNet 2-D": [("flows exact, compiled", ["normflows brute-force 2-D"], 0.5),
                      ("flows series 5 terms, neumann, compiled",
                       ["normflows brute-force 2-D", "normflows unbiased, memory-saving"], 0.5)],
@@ -120,15 +120,19 @@ PAIRS = {
 
 def trainer(candidate: Candidate, lr: float):
     optimizer = torch.optim.Adam(candidate.model.parameters(), lr=lr, fused=True)
+    own_step = candidate.make_step(optimizer) if candidate.make_step else None
 
     def step(x: torch.Tensor, lr: float | None = None) -> None:
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        loss = -candidate.log_prob(x).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        if own_step is not None:
+            own_step(x)
+        else:
+            loss = -candidate.log_prob(x).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
         candidate.after_step()
     return step
 

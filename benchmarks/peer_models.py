@@ -31,6 +31,9 @@ class Candidate:
     after_step: Callable[[], None] = field(default=lambda: None)
     inverse_iterations: Callable[[], int | None] = field(default=lambda: None)
     round_trip: Callable[[Tensor], Tensor] | None = None  # z -> f(f^-1(z)), residual flows
+    # optimizer -> x -> None: a training step the library runs itself (flows' compiled step)
+    # in place of forward, backward and optimizer.step()
+    make_step: Callable[[torch.optim.Optimizer], Callable[[Tensor], object]] | None = None
 
 
 def mlp(n_in: int, n_out: int) -> nn.Module:
@@ -62,11 +65,19 @@ def _freia(inn: nn.Module, features: int, note: str) -> Candidate:
 
 def realnvp_candidates() -> dict[str, Candidate]:
     """Case 1: 8 affine couplings, alternating masks, 1-128-128-2 ReLU conditioners."""
+    from flows.compiled_step import CompiledAdamStep
     from flows.models.realnvp import RealNVP
 
-    cases = {f"flows{name}": _flows(RealNVP(2, num_layers=8, hidden_features=128, num_hidden=2,
-                                            compile=compile), "exp of soft-clamped s")
-             for name, compile in (("", False), (" compiled", True))}
+    def realnvp(compile: bool) -> RealNVP:
+        return RealNVP(2, num_layers=8, hidden_features=128, num_hidden=2, compile=compile)
+
+    note = "exp of soft-clamped s"
+    cases = {"flows": _flows(realnvp(False), note),
+             "flows compiled": _flows(realnvp(True), note)}
+    fused = realnvp(False)
+    cases["flows compiled step"] = Candidate(
+        fused.log_prob, fused, fused.sample, note + "; loss, gradient and Adam in one graph",
+        make_step=lambda optimizer: CompiledAdamStep(fused, optimizer))
 
     import normflows as nf
 

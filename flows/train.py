@@ -74,7 +74,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DensityModule(flow, optimizer, scheduler, seed=cfg.seed,
                            on_nonfinite=cfg.on_nonfinite,
-                           num_levels=getattr(datamodule, "num_levels", None))
+                           num_levels=getattr(datamodule, "num_levels", None),
+                           compile_step=cfg.compile_step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -84,6 +85,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
             f"under {trainer.world_size} processes (DDP); use on_nonfinite=stop, which stops "
             f"with the last good checkpoint"
         )
+    if not isinstance(cfg.compile_step, bool):
+        raise ValueError(f"compile_step={cfg.compile_step!r}: use compile_step=true or "
+                         f"compile_step=false")
+    if cfg.compile_step:
+        module.check_compile_step(trainer)
     return datamodule, module, trainer
 
 

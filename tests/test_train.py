@@ -111,6 +111,11 @@ BAD_INPUT = [
     (["seed=abc"], "seed='abc'"),
     (["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "on_nonfinite=skip"],
      "on_nonfinite=skip needs a single process"),
+    (["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "compile_step=true"],
+     "compile_step needs a single process"),
+    (["model=iresnet", "compile_step=true"], "(ResidualBlock) updates the power-iteration"),
+    (["optim=adamax", "compile_step=true"], "runs Adam or AdamW, got Adamax"),
+    (["compile_step=yes"], "compile_step='yes': use compile_step=true or compile_step=false"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from flows.bijections.residual import has_series_logdet
+from flows.compiled_step import CompiledAdamStep, check_supported
 from flows.core import NormalizingFlow, first_nonfinite_bijection
 from flows.metrics import bits_per_dim, bits_per_dim_scale, nll_from_moments, nll_moments
 from flows.seeds import step_seed
@@ -49,6 +51,14 @@ class DensityModule(L.LightningModule):
     always followed by a validation, wherever it falls between ``val_check_interval`` steps,
     epoch ends or the epochs ``check_val_every_n_epoch`` selects.
 
+    With ``compile_step`` a training step is ``flows.compiled_step.CompiledAdamStep``: the
+    loss, its gradient, the norm clipping (``trainer.gradient_clip_val``) and the Adam update in
+    one compiled graph, run inside ``training_step``, which returns ``None`` so that Lightning
+    has no backward to run and its optimizer step finds no gradients. Checkpoints, resuming,
+    schedules, the logs and the non-finite handling are the same as with the standard step;
+    it needs Adam or AdamW, one process, no gradient accumulation, ``*-true`` precision and a
+    flow whose forward pass updates no state (``check_compile_step``).
+
     Every training step first reseeds torch's global generator (on an accelerator, its
     generators too) from ``(seed, step, rank)`` (``step_seed``), so the randomness drawn
     inside a step (Hutchinson probes, noise) is the same whether or not the run was
@@ -61,11 +71,13 @@ class DensityModule(L.LightningModule):
         seed: the run's seed, for the per-step seeds.
         on_nonfinite: ``"stop"`` or ``"skip"``.
         num_levels: quantisation levels of the data (images), ``None`` for continuous data.
+        compile_step: train with ``CompiledAdamStep`` (above).
     """
 
     def __init__(self, flow: NormalizingFlow, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, seed: int = 0,
-                 on_nonfinite: str = "stop", num_levels: int | None = None) -> None:
+                 on_nonfinite: str = "stop", num_levels: int | None = None,
+                 compile_step: bool = False) -> None:
         super().__init__()
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} must be 'stop' or 'skip'")
@@ -82,12 +94,41 @@ class DensityModule(L.LightningModule):
         self.train_bpd_key = "train/bpd_estimate" if has_series_logdet(flow) else "train/bpd"
         self._test_moments: Tensor | None = None
         self.test_result: dict[str, float] = {}
+        self.compile_step = compile_step
+        self._compiled_step: CompiledAdamStep | None = None
 
     def on_fit_start(self) -> None:
         # fixed during a fit: walking the module tree for them every step took 0.2 ms
         # (Real NVP 2-D, 48 parameter tensors)
         self._parameter_list = list(self.parameters())
         self._fit_start = time.perf_counter()
+        if self.compile_step:
+            self.check_compile_step(self.trainer)
+            optimizer = self.optimizers(use_pl_optimizer=False)
+            self._compiled_step = CompiledAdamStep(self.flow, optimizer,
+                                                   self.trainer.gradient_clip_val or None)
+            # training_step returns None by design here; Lightning warns once that it did
+            warnings.filterwarnings("ignore", message="`training_step` returned `None`")
+
+    def check_compile_step(self, trainer: L.Trainer) -> None:
+        """Raise a ``ValueError`` saying why ``compile_step`` cannot train under ``trainer``
+        (or with this flow and optimizer), if it cannot."""
+        fix = "; set compile_step=false"
+        if trainer.world_size > 1:
+            raise ValueError(f"compile_step needs a single process (its gradients bypass DDP's "
+                             f"all-reduce), got {trainer.world_size}{fix}")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(f"compile_step updates the weights on every batch, got "
+                             f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}"
+                             f"{fix}")
+        if not str(trainer.precision).endswith("-true"):
+            raise ValueError(f"compile_step runs in the weights' own dtype, got "
+                             f"trainer.precision={trainer.precision}{fix}")
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"compile_step clips the gradient norm, got "
+                             f"trainer.gradient_clip_algorithm="
+                             f"{trainer.gradient_clip_algorithm}{fix}")
+        check_supported(self.flow, self.optimizer_factory(self.flow.parameters()))
 
     @property
     def fit_seconds(self) -> float:
@@ -132,19 +173,55 @@ class DensityModule(L.LightningModule):
             trainer.check_val_every_n_epoch = None
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
+        if self._compiled_step is not None:
+            return self._compiled_training_step(batch, batch_idx)
         loss = -self.flow.log_prob(batch).mean()
         if not torch.isfinite(loss):
-            where = first_nonfinite_bijection(self.flow, batch) or "the base log-density"
-            return self._nonfinite(
-                f"training loss became {loss.item()} at step {self.global_step} (epoch "
-                f"{self.current_epoch}, batch {batch_idx}), first in {where}"
-            )
+            return self._nonfinite_loss(loss, batch, batch_idx)
+        self._log_loss(loss)
+        return loss
+
+    def _compiled_training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """The whole step by ``CompiledAdamStep``; a non-finite step has changed nothing."""
+        loss, norm, finite = self._compiled_step(batch)
+        if not finite:  # the step's one host read (a GPU sync)
+            if not torch.isfinite(loss):
+                return self._nonfinite_loss(loss, batch, batch_idx)
+            loss = -self.flow.log_prob(batch).mean()  # again, to name the gradients
+            grads = torch.autograd.grad(loss, self._parameter_list, allow_unused=True)
+            return self._nonfinite_gradient(norm, zip(self._parameter_names(), grads,
+                                                          strict=True))
+        self._log_loss(loss)
+        if self.logs_this_step():
+            self.log("train/grad_norm", norm)
+        return None
+
+    def _log_loss(self, loss: Tensor) -> None:
         if self.logs_this_step():
             self.log("train/nll", loss, prog_bar=True)
             if self.num_levels:
                 self.log(self.train_bpd_key, bits_per_dim(loss.detach(), self.num_dims,
                                                           self.num_levels))
-        return loss
+
+    def _nonfinite_loss(self, loss: Tensor, batch: Tensor, batch_idx: int) -> None:
+        where = first_nonfinite_bijection(self.flow, batch) or "the base log-density"
+        return self._nonfinite(
+            f"training loss became {loss.item()} at step {self.global_step} (epoch "
+            f"{self.current_epoch}, batch {batch_idx}), first in {where}"
+        )
+
+    def _nonfinite_gradient(self, norm: Tensor,
+                            named_grads: Iterable[tuple[str, Tensor | None]]) -> None:
+        bad = [name for name, grad in named_grads
+               if grad is not None and not torch.isfinite(grad).all()]
+        where = (f"in {len(bad)} parameter(s), first {bad[0]}" if bad else
+                 "every gradient finite but their total norm overflows float32")
+        return self._nonfinite(f"gradient norm became {float(norm)} at step "
+                               f"{self.global_step} with a finite loss, {where}")
+
+    def _parameter_names(self) -> list[str]:
+        names = {id(p): name for name, p in self.named_parameters()}
+        return [names[id(p)] for p in self._parameter_list]
 
     def logs_this_step(self) -> bool:
         """Whether this training step's metrics are logged: on the steps Lightning's logger
@@ -170,16 +247,14 @@ class DensityModule(L.LightningModule):
         Lightning calls this after every backward (the gradients are unscaled under mixed
         precision); computing the norm once serves the NaN check, the log and norm clipping.
         """
+        if self._compiled_step is not None:  # it clipped inside its graph; no gradients here
+            return
         params = [p for p in self._parameter_list if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         norm_value = float(norm)  # the step's one host read of it (a GPU sync)
         if not math.isfinite(norm_value):
-            bad = [name for name, p in self.named_parameters()
-                   if p.grad is not None and not torch.isfinite(p.grad).all()]
-            where = (f"in {len(bad)} parameter(s), first {bad[0]}" if bad else
-                     "every gradient finite but their total norm overflows float32")
-            self._nonfinite(f"gradient norm became {norm_value} at step {self.global_step} "
-                            f"with a finite loss, {where}")
+            self._nonfinite_gradient(norm, ((name, p.grad)
+                                            for name, p in self.named_parameters()))
             for p in params:  # skip: no update from this batch
                 p.grad = None
             return

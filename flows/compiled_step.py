@@ -1,0 +1,181 @@
+"""A maximum-likelihood Adam step (loss, gradient, clipping, update) as one compiled graph."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value
+from torch.nn.utils import parametrize
+from torch.optim.adam import adam
+
+from flows.bijections.normalization import ActNorm, BatchNorm
+from flows.core import Bijection, Compose, NormalizingFlow
+from flows.nn.compile import CompiledOrEager
+
+# What a layer's forward pass writes, by kind of layer.
+_STATE_UPDATES = {ActNorm: "initialises itself from the first batch",
+                  BatchNorm: "updates its running statistics"}
+
+
+class StepOutput(NamedTuple):
+    """What a step returns, each a 0-d tensor: the loss ``-mean log p(x)`` in nats, the total
+    gradient norm (before clipping) and whether both were finite (the update was applied)."""
+
+    loss: Tensor
+    grad_norm: Tensor
+    finite: Tensor
+
+
+def unsupported_layer(flow: NormalizingFlow) -> str | None:
+    """Say which layer of ``flow`` updates state in its forward pass and how, or ``None``:
+    ActNorm, BatchNorm, and any layer with spectrally normalised (parametrised) weights."""
+    bijections: list[tuple[str, nn.Module]] = []
+    for name, module in flow.named_modules():
+        if isinstance(module, Bijection) and not isinstance(module, Compose):
+            bijections.append((name, module))
+        if isinstance(module, tuple(_STATE_UPDATES)):
+            return f"{name} ({type(module).__name__}) {_STATE_UPDATES[type(module)]}"
+        if parametrize.is_parametrized(module):
+            owner, layer = next(((n, m) for n, m in reversed(bijections)
+                                 if name.startswith(f"{n}.")), (name, module))
+            return (f"{owner} ({type(layer).__name__}) updates the power-iteration vectors of "
+                    f"its spectral normalisation")
+    return None
+
+
+class CompiledAdamStep:
+    """``step(x)``: one Adam step of ``flow`` on the batch ``x`` by exact maximum likelihood,
+    traced by ``torch.compile`` into a single graph.
+
+    The step computes ``L = -(1/B) sum_i [log N(f(x_i); 0, I) + log|det df/dx(x_i)|]`` and its
+    gradient by ``torch.func.grad_and_value`` over ``torch.func.functional_call`` (no autograd
+    graph kept between calls, nothing written to ``.grad``), the total norm ``||g||_2`` over
+    all parameters, clips as ``torch.nn.utils.clip_grad_norm_`` does (``g * max_grad_norm /
+    (||g|| + 1e-6)`` when ``||g|| > max_grad_norm``), then applies torch's own Adam update
+    (``torch.optim.adam.adam``, the optimizer's hyper-parameters read at every call, so a
+    learning-rate schedule applies) to the weights and to ``optimizer.state`` (``step``,
+    ``exp_avg``, ``exp_avg_sq``; the layout ``torch.optim.Adam`` itself keeps, so a checkpoint
+    resumes with either step). The update is committed only if the loss and the norm are
+    finite: after a non-finite step the weights and the optimizer state are as they were.
+
+    One graph instead of the forward graph, autograd's backward, gradient accumulation and a
+    fused-Adam call: Real NVP 2-D (8 couplings 1-128-128-2, batch 512, 2 CPU threads) steps in
+    about 0.65 of the time of the compiled transform with a fused Adam step (README).
+
+    Args:
+        flow: a flow whose forward pass is a pure function of its parameters and input (no
+            ActNorm, BatchNorm or spectral normalisation: ``unsupported_layer``).
+        optimizer: a ``torch.optim.Adam`` (or ``AdamW``) with one parameter group holding
+            exactly the flow's trainable parameters; ``fused``, ``foreach`` and
+            ``capturable`` are ignored (the update is compiled with the rest).
+        max_grad_norm: the clipping threshold, ``None`` for no clipping.
+
+    Compiling takes seconds to a minute on a first call (inductor caches the code on disk for
+    later processes); if it fails, a warning says why and the same step runs eagerly.
+    """
+
+    def __init__(self, flow: NormalizingFlow, optimizer: torch.optim.Optimizer,
+                 max_grad_norm: float | None = None) -> None:
+        check_supported(flow, optimizer)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        self.flow = flow
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        transform = dict(flow.transform.named_parameters())
+        self.params = list(optimizer.param_groups[0]["params"])
+        by_id = {id(p): name for name, p in transform.items()}
+        self.names = [by_id[id(p)] for p in self.params]
+        # dynamic=None: parameters and state keep static shapes (a step compiled with symbolic
+        # shapes everywhere ran slower); a new batch size adds one graph dynamic in it
+        self._compiled = CompiledOrEager(self._step, dynamic=None, fullgraph=True,
+                                         off_switch="compile_step=false")
+
+    @property
+    def group(self) -> dict:
+        """The optimizer's parameter group, looked up at every use: ``load_state_dict``
+        (resuming from a checkpoint) replaces it."""
+        return self.optimizer.param_groups[0]
+
+    def __call__(self, x: Tensor) -> StepOutput:
+        group = self.group
+        states = [self._state(p) for p in self.params]
+        lr = group["lr"]
+        anchor = self.params[0]
+        lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=anchor.dtype,
+                                                             device=anchor.device)
+        return self._compiled(
+            [p.detach() for p in self.params],
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [s["step"] for s in states], x, lr)
+
+    def _state(self, p: Tensor) -> dict[str, Tensor]:
+        """``optimizer.state[p]``, created as ``torch.optim.Adam`` creates it on a first step."""
+        state, group = self.optimizer.state[p], self.group
+        if not state:
+            on_device = group["fused"] or group["capturable"]
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
+                             else torch.tensor(0.0, dtype=torch.get_default_dtype()))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _loss(self, params: list[Tensor], x: Tensor) -> Tensor:
+        state = dict(zip(self.names, params, strict=True))
+        z, logdet = functional_call(self.flow.transform, state, (x,), strict=False)
+        return -(self.flow.base.log_prob(z) + logdet).mean()
+
+    def _step(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              max_exp_avg_sqs: list[Tensor], steps: list[Tensor], x: Tensor,
+              lr: Tensor) -> StepOutput:
+        grads, loss = grad_and_value(self._loss)(params, x)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        if self.max_grad_norm is not None:
+            scale = torch.where(norm > self.max_grad_norm,
+                                self.max_grad_norm / (norm + 1e-6), torch.ones_like(norm))
+            grads = [g * scale for g in grads]
+        current = [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
+        # the update on copies, the step counts in the weights' dtype (exact: integers), so
+        # that the bias corrections 1 - beta^t are as precise as the weights
+        updated = [[t.to(params[0].dtype, copy=True) if tensors is steps else t.clone()
+                    for t in tensors] for tensors in current]
+        group = self.group
+        beta1, beta2 = group["betas"]
+        adam(updated[0], grads, *updated[1:], foreach=False,
+             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+             amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=lr,
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        for old_tensors, new_tensors in zip(current, updated, strict=True):
+            for old, new in zip(old_tensors, new_tensors, strict=True):
+                old.copy_(torch.where(finite, new, old))
+        return StepOutput(loss.detach(), norm.detach(), finite)
+
+
+def check_supported(flow: NormalizingFlow, optimizer: torch.optim.Optimizer) -> None:
+    """Raise a ``ValueError`` saying why ``CompiledAdamStep`` cannot train ``flow`` with
+    ``optimizer``, if it cannot."""
+    fix = "; train with the standard step instead (compile_step=false)"
+    if not isinstance(optimizer, torch.optim.Adam):
+        raise ValueError(f"the compiled step runs Adam or AdamW, got "
+                         f"{type(optimizer).__name__}{fix}")
+    layer = unsupported_layer(flow)
+    if layer is not None:
+        raise ValueError(f"the compiled step needs a forward pass without state updates, but "
+                         f"{layer} in its forward pass{fix}")
+    trainable = [p for p in flow.parameters() if p.requires_grad]
+    groups = optimizer.param_groups
+    if len(groups) != 1 or {id(p) for p in groups[0]["params"]} != {id(p) for p in trainable}:
+        raise ValueError(f"the compiled step needs one optimizer parameter group holding exactly "
+                         f"the flow's {len(trainable)} trainable parameters, got "
+                         f"{[len(g['params']) for g in groups]} parameters in "
+                         f"{len(groups)} group(s){fix}")
+    transform = {id(p) for p in flow.transform.parameters()}
+    if any(id(p) not in transform for p in trainable):
+        raise ValueError(f"the compiled step trains the transform's parameters; this flow's "
+                         f"base distribution has trainable parameters{fix}")

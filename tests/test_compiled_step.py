@@ -1,0 +1,135 @@
+"""The whole training step as one compiled graph: torch's Adam to rounding, nothing changed by a
+non-finite step, and in the Lightning system the same run as the standard step."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from flows.compiled_step import CompiledAdamStep
+from flows.core import NormalizingFlow
+from flows.distributions import StandardNormal
+from flows.lit.module import DensityModule, NonFiniteError
+from flows.models.iresnet import IResNet
+from flows.models.realnvp import RealNVP
+from tests.test_module import SteepShift, small_toy, trainer
+
+
+def perturbed_realnvp(dtype: torch.dtype) -> RealNVP:
+    """Zero-initialised last layers give log-det 0 and gradients on few weights: perturb."""
+    torch.manual_seed(0)
+    flow = RealNVP(2, num_layers=2, hidden_features=16).to(dtype)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return flow
+
+
+def test_step_is_torchs_adamw_with_amsgrad_and_clipping_in_float64():
+    compiled_flow, eager_flow = perturbed_realnvp(torch.float64), perturbed_realnvp(torch.float64)
+    hyper = dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)
+    compiled_opt = torch.optim.AdamW(compiled_flow.parameters(), **hyper)
+    eager_opt = torch.optim.AdamW(eager_flow.parameters(), **hyper)
+    step = CompiledAdamStep(compiled_flow, compiled_opt, max_grad_norm=50.0)
+    generator = torch.Generator().manual_seed(1)
+    clipped = 0
+    for i in range(6):
+        x = 1.5 * torch.randn(64, 2, generator=generator, dtype=torch.float64)
+        compiled_opt.param_groups[0]["lr"] = eager_opt.param_groups[0]["lr"] = 1e-2 / (i + 1)
+        out = step(x)
+        loss = -eager_flow.log_prob(x).mean()
+        eager_opt.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(eager_flow.parameters(), 50.0)
+        eager_opt.step()
+        clipped += bool(norm > 50.0)
+        assert bool(out.finite)
+        torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.grad_norm, norm, rtol=1e-12, atol=0)
+    assert 0 < clipped < 6  # both sides of the threshold were exercised
+    for got, want in zip(compiled_flow.parameters(), eager_flow.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got_state = compiled_opt.state_dict()["state"]
+    want_state = eager_opt.state_dict()["state"]
+    for index, want in want_state.items():
+        assert got_state[index].keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(got_state[index][key], value, rtol=1e-10, atol=1e-14)
+
+    # a NaN in the batch: loss and norm NaN, and weights and optimizer state untouched
+    weights = [p.clone() for p in compiled_flow.parameters()]
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in got_state.items()}
+    x = torch.randn(64, 2, dtype=torch.float64).index_fill(0, torch.tensor([5]), torch.nan)
+    out = step(x)
+    assert not bool(out.finite) and torch.isnan(out.loss)
+    for before, after in zip(weights, compiled_flow.parameters(), strict=True):
+        assert torch.equal(before, after)
+    for index, values in compiled_opt.state_dict()["state"].items():
+        for key, value in values.items():
+            assert torch.equal(value, state[index][key]), (index, key)
+
+
+def test_unsupported_flows_and_optimizers_are_refused_with_the_reason():
+    flow = RealNVP(2, num_layers=2, hidden_features=8)
+    with pytest.raises(ValueError, match="runs Adam or AdamW, got SGD"):
+        CompiledAdamStep(flow, torch.optim.SGD(flow.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"exactly the flow's 12 trainable parameters, got \[6\]"):
+        CompiledAdamStep(flow, torch.optim.Adam(list(flow.parameters())[:6]))
+    normed = RealNVP(2, num_layers=2, hidden_features=8, normalization="actnorm")
+    with pytest.raises(ValueError, match=r"transform.bijections.1 \(ActNorm\) initialises "
+                                         r"itself from the first batch"):
+        CompiledAdamStep(normed, torch.optim.Adam(normed.parameters()))
+    iresnet = IResNet(2, num_blocks=1, hidden_features=8, actnorm=False)
+    with pytest.raises(ValueError, match=r"transform.bijections.0 \(ResidualBlock\) updates the "
+                                         r"power-iteration vectors of its spectral"):
+        CompiledAdamStep(iresnet, torch.optim.Adam(iresnet.parameters()))
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        CompiledAdamStep(flow, torch.optim.Adam(flow.parameters()), max_grad_norm=0.0)
+
+
+def fit_realnvp(tmp_path, compile_step: bool, max_steps: int, ckpt_path=None,
+                callbacks=()) -> tuple[DensityModule, L.Trainer]:
+    """A small Real NVP in float64, Adam with a cosine schedule and norm clipping."""
+    module = DensityModule(
+        perturbed_realnvp(torch.float64), lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40),
+        compile_step=compile_step)
+    fit = trainer(tmp_path, max_steps=max_steps, precision="64-true", gradient_clip_val=3.0,
+                  log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0,
+                  callbacks=list(callbacks))
+    fit.fit(module, small_toy(), ckpt_path=ckpt_path)
+    return module, fit
+
+
+def test_lightning_run_with_the_compiled_step_is_the_standard_run_and_resumes(tmp_path):
+    standard, standard_fit = fit_realnvp(tmp_path / "standard", False, 20)
+    compiled, compiled_fit = fit_realnvp(tmp_path / "compiled", True, 20)
+    assert compiled_fit.global_step == standard_fit.global_step == 20
+    for key in ("train/nll", "train/grad_norm"):  # the last step's values
+        torch.testing.assert_close(compiled_fit.callback_metrics[key],
+                                   standard_fit.callback_metrics[key], rtol=1e-9, atol=0)
+    assert compiled._compiled_step._compiled.compiled is not None  # compiled, no fallback
+    assert not compiled._compiled_step._compiled.failed
+    for fit in (compiled_fit, standard_fit):  # the cosine schedule stepped 20 of its 40 steps
+        assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(5e-3)
+    for got, want in zip(compiled.flow.parameters(), standard.flow.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+    # stopped at step 12 and resumed from its checkpoint: the uninterrupted run, bitwise
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=12,
+                                  save_top_k=-1)
+    fit_realnvp(tmp_path / "first", True, 12, callbacks=[checkpoints])
+    resumed, _ = fit_realnvp(tmp_path / "resumed", True, 20,
+                             ckpt_path=str(next((tmp_path / "ckpt").glob("*step=12.ckpt"))))
+    for got, want in zip(resumed.flow.parameters(), compiled.flow.parameters(), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_nonfinite_gradient_norm_stops_the_compiled_step_with_weights_unchanged(tmp_path):
+    flow = NormalizingFlow(SteepShift(), StandardNormal((2,)))
+    module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=0.01), compile_step=True)
+    fit = trainer(tmp_path, max_steps=3, num_sanity_val_steps=0, limit_val_batches=0)
+    with pytest.raises(NonFiniteError, match="at step 0 with a finite loss, every gradient "
+                                             "finite but their total norm overflows"):
+        fit.fit(module, small_toy())
+    assert torch.equal(flow.transform.shift, torch.zeros(4))
