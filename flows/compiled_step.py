@@ -102,15 +102,20 @@ class CompiledAdamStep:
     def __call__(self, x: Tensor) -> StepOutput:
         group = self.group
         states = [self._state(p) for p in self.params]
-        lr = group["lr"]
         anchor = self.params[0]
+        lr = group["lr"]  # a tensor: a schedule's new value each step is no new graph
         lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=anchor.dtype,
                                                              device=anchor.device)
+        beta1, beta2 = group["betas"]
+        hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                     maximize=group["maximize"],
+                     decoupled_weight_decay=group.get("decoupled_weight_decay", False))
         return self._compiled(
             [p.detach() for p in self.params],
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states], x, lr)
+            [s["step"] for s in states], x, lr, hyper)
 
     def _state(self, p: Tensor) -> dict[str, Tensor]:
         """``optimizer.state[p]``, created as ``torch.optim.Adam`` creates it on a first step."""
@@ -132,7 +137,7 @@ class CompiledAdamStep:
 
     def _step(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
               max_exp_avg_sqs: list[Tensor], steps: list[Tensor], x: Tensor,
-              lr: Tensor) -> StepOutput:
+              lr: Tensor, hyper: dict[str, float | bool]) -> StepOutput:
         grads, loss = grad_and_value(self._loss)(params, x)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         finite = torch.isfinite(loss) & torch.isfinite(norm)
@@ -145,12 +150,7 @@ class CompiledAdamStep:
         # that the bias corrections 1 - beta^t are as precise as the weights
         updated = [[t.to(params[0].dtype, copy=True) if tensors is steps else t.clone()
                     for t in tensors] for tensors in current]
-        group = self.group
-        beta1, beta2 = group["betas"]
-        adam(updated[0], grads, *updated[1:], foreach=False,
-             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
-             amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=lr,
-             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        adam(updated[0], grads, *updated[1:], foreach=False, lr=lr, **hyper)
         for old_tensors, new_tensors in zip(current, updated, strict=True):
             for old, new in zip(old_tensors, new_tensors, strict=True):
                 old.copy_(torch.where(finite, new, old))
