@@ -6,9 +6,9 @@ The step of ``compare_peers.py`` case 1 (8 affine couplings, conditioners 1-128-
 512, fused Adam): its matrix-multiply FLOPs counted from the layer shapes (forward ``2 B n_in
 n_out`` per linear; backward twice that, less the input gradient of the first layer, which
 nothing needs), the step time eager and compiled, the machine's measured float32 matmul rate at
-the step's own shapes and at 2048^3, and ``torch.profiler``'s top operators of the compiled step
-(whose thin first and last layers are fused products, not matmul calls: ``ThinLinear``);
-and the step as one compiled graph with the Adam update inside, the lever that remains.
+the step's own shapes and at 2048^3, and ``torch.profiler``'s top operators of the fastest
+step, ``compile_step``'s one graph (``CompiledAdamStep``: loss, gradient and Adam update;
+its thin first and last layers are fused products, not matmul calls: ``ThinLinear``).
 Writes ``benchmarks/results/profile_realnvp.md``.
 """
 
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad_and_value
-from torch.optim.adam import adam
 from torch.profiler import ProfilerActivity, profile
 
+from flows.compiled_step import CompiledAdamStep
 from flows.models.realnvp import RealNVP
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,32 +53,13 @@ def training_step(flow: RealNVP, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def one_graph_step(flow: RealNVP, x: torch.Tensor) -> Callable[[], None]:
-    """The same step as one compiled graph, forward, backward and Adam update together
-    (``torch.func.grad_and_value`` and ``torch.optim.adam.adam`` inside ``torch.compile``),
-    which ``torch.optim``'s own ``step`` does not allow (it breaks the graph on purpose).
-    A measurement of the lever, not a training path of ``flows``."""
-    names = [name for name, _ in flow.named_parameters()]
-    params = [p.detach() for p in flow.parameters()]
-    buffers = dict(flow.named_buffers())
-    exp_avgs = [torch.zeros_like(p) for p in params]
-    exp_avg_sqs = [torch.zeros_like(p) for p in params]
-    steps = [torch.tensor(0.0) for _ in params]
-
-    def nll(values: list[torch.Tensor]) -> torch.Tensor:
-        state = {**dict(zip(names, values, strict=True)), **buffers}
-        z, logdet = functional_call(flow, state, (x,))
-        return -(flow.base.log_prob(z) + logdet).mean()
-
-    @torch.compile(fullgraph=True)
-    def step() -> None:
-        grads, _ = grad_and_value(nll)(params)
-        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False, amsgrad=False,
-             beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=0.0, eps=1e-8, maximize=False)
-
+def compiled_adam_step(flow: RealNVP, x: torch.Tensor) -> Callable[[], None]:
+    """The same step by ``flows.compiled_step.CompiledAdamStep`` (``compile_step=true``):
+    loss, gradient and Adam update in one compiled graph, warmed up."""
+    step = CompiledAdamStep(flow, torch.optim.Adam(flow.parameters(), lr=1e-3, fused=True))
     for _ in range(5):
-        step()
-    return step
+        step(x)
+    return lambda: step(x)
 
 
 def wide_products() -> Callable[[], None]:
@@ -129,10 +109,12 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(BATCH, 2)
     flops = matmul_flops_per_step()
-    compiled_step = training_step(RealNVP(2, compile=True), x)
-    ms = interleaved_ms({"eager": training_step(RealNVP(2), x), "compiled": compiled_step,
-                         "one graph": one_graph_step(RealNVP(2), x), "wide": wide_products()})
-    eager_ms, compiled_ms, wide_ms = ms["eager"], ms["compiled"], ms["wide"]
+    one_graph = compiled_adam_step(RealNVP(2), x)
+    ms = interleaved_ms({"eager": training_step(RealNVP(2), x),
+                         "compiled": training_step(RealNVP(2, compile=True), x),
+                         "one graph": one_graph, "wide": wide_products()})
+    eager_ms, compiled_ms, one_ms, wide_ms = (ms[k] for k in ("eager", "compiled",
+                                                             "one graph", "wide"))
     rates = {f"{m}x{k} @ {k}x{n}": matmul_gflops(m, k, n)
              for m, k, n in ((BATCH, 128, 128), (BATCH, 1, 128), (BATCH, 128, 2),
                              (2048, 2048, 2048))}
@@ -142,7 +124,7 @@ def main() -> None:
         for n_in, n_out in SHAPES)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(20):
-            compiled_step()
+            one_graph()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
                                       max_name_column_width=40)
     lines = [
@@ -150,19 +132,22 @@ def main() -> None:
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"`python benchmarks/profile_realnvp.py`.", "",
         f"- matmul FLOPs per training step: {flops / 1e6:.0f} M",
-        f"- step time (eager, compiled, one graph and the 24 wide products interleaved, median "
-        f"of 9 rounds of 30): eager {eager_ms:.2f} ms ({flops / eager_ms / 1e6:.0f} GFLOP/s "
-        f"achieved), compiled {compiled_ms:.2f} ms ({flops / compiled_ms / 1e6:.0f} GFLOP/s)",
-        f"- the same step as one compiled graph (forward, backward and the Adam update; not a "
-        f"training path of flows): {ms['one graph']:.2f} ms, "
-        f"{ms['one graph'] / compiled_ms:.2f} of the compiled step",
+        f"- step time (eager, compiled transform, compiled step and the 24 wide products "
+        f"interleaved, median of 9 rounds of 30): eager {eager_ms:.2f} ms "
+        f"({flops / eager_ms / 1e6:.0f} GFLOP/s achieved), compiled transform "
+        f"{compiled_ms:.2f} ms ({flops / compiled_ms / 1e6:.0f} GFLOP/s), compiled step "
+        f"(`compile_step=true`: one graph with the Adam update) {one_ms:.2f} ms "
+        f"({flops / one_ms / 1e6:.0f} GFLOP/s, {one_ms / compiled_ms:.2f} of the compiled "
+        f"transform's step)",
         "- measured float32 matmul rates (GFLOP/s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()),
         f"- the step's matmuls alone at those rates: {floor_ms:.2f} ms "
         f"({100 * floor_ms / eager_ms:.0f}% of the eager step, "
-        f"{100 * floor_ms / compiled_ms:.0f}% of the compiled one); the 128x128 products "
-        f"alone, all the compiled step still multiplies, timed in the same rounds: {wide_ms:.2f} "
-        f"ms ({100 * wide_ms / compiled_ms:.0f}% of it)", "",
+        f"{100 * floor_ms / one_ms:.0f}% of the compiled step); the 128x128 products "
+        f"alone, all the compiled steps still multiply, timed in the same rounds: "
+        f"{wide_ms:.2f} ms ({100 * wide_ms / one_ms:.0f}% of the compiled step)", "",
+        "Top operators of 20 compiled steps (`compile_step`) by self CPU time "
+        "(`torch.profiler`):", "", "```",
         "Top operators of 20 compiled steps by self CPU time (`torch.profiler`):", "", "```",
         table, "```", ""]
     RESULTS.mkdir(exist_ok=True)

@@ -1,7 +1,8 @@
 """Normalizing flows trained by exact maximum likelihood.
 
 The library (``flows.core``, ``flows.distributions``, ``flows.bijections``, ``flows.nn``,
-``flows.models``, ``flows.metrics``, ``flows.evaluation``, ``flows.data.toy``,
+``flows.models``, ``flows.metrics``, ``flows.evaluation``, ``flows.compiled_step``,
+``flows.data.toy``,
 ``flows.data.images``) imports only torch, numpy and scipy (torchvision and scikit-learn for
 image data); Lightning and Hydra live in ``flows.lit``, ``flows.data.datamodules`` and the entry
 points.
