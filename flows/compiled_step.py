@@ -35,8 +35,9 @@ def unsupported_layer(flow: NormalizingFlow) -> str | None:
     for name, module in flow.named_modules():
         if isinstance(module, Bijection) and not isinstance(module, Compose):
             bijections.append((name, module))
-        if isinstance(module, tuple(_STATE_UPDATES)):
-            return f"{name} ({type(module).__name__}) {_STATE_UPDATES[type(module)]}"
+        for kind, update in _STATE_UPDATES.items():
+            if isinstance(module, kind):
+                return f"{name} ({type(module).__name__}) {update}"
         if parametrize.is_parametrized(module):
             owner, layer = next(((n, m) for n, m in reversed(bijections)
                                  if name.startswith(f"{n}.")), (name, module))
@@ -73,7 +74,12 @@ class CompiledAdamStep:
         max_grad_norm: the clipping threshold, ``None`` for no clipping.
 
     Compiling takes seconds to a minute on a first call (inductor caches the code on disk for
-    later processes); if it fails, a warning says why and the same step runs eagerly.
+    later processes); if it fails, a warning says why and the same step runs eagerly. The
+    learning rate enters the graph as a tensor, so a schedule needs no new graph; the other
+    hyper-parameters are constants of the graph, so a schedule of Adam's betas would compile
+    a graph per value, and every instance adds one to the same function's cache: after
+    torch's limit (``torch._dynamo.config.recompile_limit``, 8) the step runs eagerly, with
+    the warning (``torch._dynamo.reset()`` empties the cache).
     """
 
     def __init__(self, flow: NormalizingFlow, optimizer: torch.optim.Optimizer,
@@ -100,6 +106,7 @@ class CompiledAdamStep:
         return self.optimizer.param_groups[0]
 
     def __call__(self, x: Tensor) -> StepOutput:
+        self.flow.check_input(x)
         group = self.group
         states = [self._state(p) for p in self.params]
         anchor = self.params[0]
@@ -118,16 +125,19 @@ class CompiledAdamStep:
             [s["step"] for s in states], x, lr, hyper)
 
     def _state(self, p: Tensor) -> dict[str, Tensor]:
-        """``optimizer.state[p]``, created as ``torch.optim.Adam`` creates it on a first step."""
+        """``optimizer.state[p]``, created as ``torch.optim.Adam`` creates it on a first step,
+        with ``step`` a float32 scalar on ``p``'s device (as fused Adam keeps it; a step read
+        from a checkpoint onto another device is moved there once), so that the graph never
+        mixes devices."""
         state, group = self.optimizer.state[p], self.group
         if not state:
-            on_device = group["fused"] or group["capturable"]
-            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
-                             else torch.tensor(0.0, dtype=torch.get_default_dtype()))
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device)
         return state
 
     def _loss(self, params: list[Tensor], x: Tensor) -> Tensor:

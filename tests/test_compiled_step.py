@@ -47,6 +47,7 @@ def test_step_is_torchs_adamw_with_amsgrad_and_clipping_in_float64():
         torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-12, atol=0)
         torch.testing.assert_close(out.grad_norm, norm, rtol=1e-12, atol=0)
     assert 0 < clipped < 6  # both sides of the threshold were exercised
+    assert step._compiled.compiled is not None and not step._compiled.failed  # no fallback
     for got, want in zip(compiled_flow.parameters(), eager_flow.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     got_state = compiled_opt.state_dict()["state"]
@@ -128,12 +129,30 @@ def test_lightning_run_with_the_compiled_step_is_the_standard_run_and_resumes(tm
     for got, want in zip(resumed.flow.parameters(), compiled.flow.parameters(), strict=True):
         assert torch.equal(got, want)
 
+    # a standard run's checkpoint resumed with the compiled step: the standard run, to rounding
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "standard_ckpt", every_n_train_steps=12,
+                                  save_top_k=-1)
+    fit_realnvp(tmp_path / "standard_first", False, 12, callbacks=[checkpoints])
+    switched, _ = fit_realnvp(
+        tmp_path / "switched", True, 20,
+        ckpt_path=str(next((tmp_path / "standard_ckpt").glob("*step=12.ckpt"))))
+    for got, want in zip(switched.flow.parameters(), standard.flow.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
-def test_nonfinite_gradient_norm_stops_the_compiled_step_with_weights_unchanged(tmp_path):
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_gradient_norm_is_stopped_or_skipped_with_nothing_changed(tmp_path, mode):
     flow = NormalizingFlow(SteepShift(), StandardNormal((2,)))
-    module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=0.01), compile_step=True)
+    module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=0.01), on_nonfinite=mode,
+                           compile_step=True)
     fit = trainer(tmp_path, max_steps=3, num_sanity_val_steps=0, limit_val_batches=0)
-    with pytest.raises(NonFiniteError, match="at step 0 with a finite loss, every gradient "
-                                             "finite but their total norm overflows"):
+    if mode == "stop":
+        with pytest.raises(NonFiniteError, match="at step 0 with a finite loss, every gradient "
+                                                 "finite but their total norm overflows"):
+            fit.fit(module, small_toy())
+    else:
         fit.fit(module, small_toy())
+        assert module.skipped_steps == fit.global_step == 3
     assert torch.equal(flow.transform.shift, torch.zeros(4))
+    state = fit.optimizers[0].state[flow.transform.shift]
+    assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()

@@ -116,6 +116,7 @@ BAD_INPUT = [
     (["model=iresnet", "compile_step=true"], "(ResidualBlock) updates the power-iteration"),
     (["optim=adamax", "compile_step=true"], "runs Adam or AdamW, got Adamax"),
     (["compile_step=yes"], "compile_step='yes': use compile_step=true or compile_step=false"),
+    (["trainer.precision=bf16-true", "compile_step=true"], "use trainer.precision=32-true"),
 ]
 
 

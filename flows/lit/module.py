@@ -96,6 +96,7 @@ class DensityModule(L.LightningModule):
         self.test_result: dict[str, float] = {}
         self.compile_step = compile_step
         self._compiled_step: CompiledAdamStep | None = None
+        self._warning_filters: list | None = None
 
     def on_fit_start(self) -> None:
         # fixed during a fit: walking the module tree for them every step took 0.2 ms
@@ -104,11 +105,19 @@ class DensityModule(L.LightningModule):
         self._fit_start = time.perf_counter()
         if self.compile_step:
             self.check_compile_step(self.trainer)
+            torch._dynamo.reset()  # earlier fits' graphs (a sweep in one process) count
             optimizer = self.optimizers(use_pl_optimizer=False)
             self._compiled_step = CompiledAdamStep(self.flow, optimizer,
                                                    self.trainer.gradient_clip_val or None)
-            # training_step returns None by design here; Lightning warns once that it did
+            # training_step returns None by design here, which Lightning warns about: silenced
+            # until the fit ends (a fit that raises leaves the filter in place)
+            self._warning_filters = warnings.filters[:]
             warnings.filterwarnings("ignore", message="`training_step` returned `None`")
+
+    def on_fit_end(self) -> None:
+        if self._warning_filters is not None:
+            warnings.filters[:] = self._warning_filters
+            self._warning_filters = None
 
     def check_compile_step(self, trainer: L.Trainer) -> None:
         """Raise a ``ValueError`` saying why ``compile_step`` cannot train under ``trainer``
@@ -121,9 +130,11 @@ class DensityModule(L.LightningModule):
             raise ValueError(f"compile_step updates the weights on every batch, got "
                              f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}"
                              f"{fix}")
-        if not str(trainer.precision).endswith("-true"):
-            raise ValueError(f"compile_step runs in the weights' own dtype, got "
-                             f"trainer.precision={trainer.precision}{fix}")
+        if str(trainer.precision) not in ("32-true", "64-true"):
+            raise ValueError(f"compile_step trains float32 or float64 weights (Adam's step "
+                             f"count and learning rate in half precision would round), got "
+                             f"trainer.precision={trainer.precision}; use "
+                             f"trainer.precision=32-true or set compile_step=false")
         if trainer.gradient_clip_val and trainer.gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"compile_step clips the gradient norm, got "
                              f"trainer.gradient_clip_algorithm="
@@ -188,8 +199,9 @@ class DensityModule(L.LightningModule):
             if not torch.isfinite(loss):
                 return self._nonfinite_loss(loss, batch, batch_idx)
             loss = -self.flow.log_prob(batch).mean()  # again, to name the gradients
-            grads = torch.autograd.grad(loss, self._parameter_list, allow_unused=True)
-            return self._nonfinite_gradient(norm, zip(self._parameter_names(), grads,
+            named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+            return self._nonfinite_gradient(norm, zip((n for n, _ in named), grads,
                                                           strict=True))
         self._log_loss(loss)
         if self.logs_this_step():
@@ -219,9 +231,6 @@ class DensityModule(L.LightningModule):
         return self._nonfinite(f"gradient norm became {float(norm)} at step "
                                f"{self.global_step} with a finite loss, {where}")
 
-    def _parameter_names(self) -> list[str]:
-        names = {id(p): name for name, p in self.named_parameters()}
-        return [names[id(p)] for p in self._parameter_list]
 
     def logs_this_step(self) -> bool:
         """Whether this training step's metrics are logged: on the steps Lightning's logger
