@@ -148,7 +148,6 @@ def main() -> None:
         f"{wide_ms:.2f} ms ({100 * wide_ms / one_ms:.0f}% of the compiled step)", "",
         "Top operators of 20 compiled steps (`compile_step`) by self CPU time "
         "(`torch.profiler`):", "", "```",
-        "Top operators of 20 compiled steps by self CPU time (`torch.profiler`):", "", "```",
         table, "```", ""]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "profile_realnvp.md").write_text("\n".join(lines))
