@@ -156,3 +156,26 @@ def test_nonfinite_gradient_norm_is_stopped_or_skipped_with_nothing_changed(tmp_
     assert torch.equal(flow.transform.shift, torch.zeros(4))
     state = fit.optimizers[0].state[flow.transform.shift]
     assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+
+def test_without_a_compiler_the_step_runs_eagerly_with_the_same_math(monkeypatch):
+    def no_compiler(fn, **options):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    eager_flow, reference = perturbed_realnvp(torch.float64), perturbed_realnvp(torch.float64)
+    step = CompiledAdamStep(eager_flow, torch.optim.Adam(eager_flow.parameters(), lr=1e-2))
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*set compile_step=false"):
+        step(x)
+    for _ in range(2):
+        step(x)
+    for _ in range(3):
+        loss = -reference.log_prob(x).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert step._compiled.failed
+    for got, want in zip(eager_flow.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

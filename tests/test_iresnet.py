@@ -802,7 +802,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
         attempts.append(x)
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(torch, "compile", lambda fn, dynamic: broken_compiler)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken_compiler)
     function = CompiledOrEager(double)
     with pytest.warns(RuntimeWarning, match="torch.compile failed for .*double.*no C\\+\\+ comp"):
         assert function(torch.ones(2)).tolist() == [2.0, 2.0]
