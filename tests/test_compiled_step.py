@@ -25,6 +25,17 @@ def perturbed_realnvp(dtype: torch.dtype) -> RealNVP:
     return flow
 
 
+def reference_step(flow: RealNVP, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   max_grad_norm: float = float("inf")) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard step: autograd, ``clip_grad_norm_``, the optimizer's own ``step``."""
+    loss = -flow.log_prob(x).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), max_grad_norm)
+    optimizer.step()
+    return loss.detach(), norm
+
+
 def test_step_is_torchs_adamw_with_amsgrad_and_clipping_in_float64():
     compiled_flow, eager_flow = perturbed_realnvp(torch.float64), perturbed_realnvp(torch.float64)
     hyper = dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)
@@ -37,14 +48,10 @@ def test_step_is_torchs_adamw_with_amsgrad_and_clipping_in_float64():
         x = 1.5 * torch.randn(64, 2, generator=generator, dtype=torch.float64)
         compiled_opt.param_groups[0]["lr"] = eager_opt.param_groups[0]["lr"] = 1e-2 / (i + 1)
         out = step(x)
-        loss = -eager_flow.log_prob(x).mean()
-        eager_opt.zero_grad()
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(eager_flow.parameters(), 50.0)
-        eager_opt.step()
+        loss, norm = reference_step(eager_flow, eager_opt, x, 50.0)
         clipped += bool(norm > 50.0)
         assert bool(out.finite)
-        torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.loss, loss, rtol=1e-12, atol=0)
         torch.testing.assert_close(out.grad_norm, norm, rtol=1e-12, atol=0)
     assert 0 < clipped < 6  # both sides of the threshold were exercised
     assert step._compiled.compiled is not None and not step._compiled.failed  # no fallback
@@ -172,10 +179,7 @@ def test_without_a_compiler_the_step_runs_eagerly_with_the_same_math(monkeypatch
     for _ in range(2):
         step(x)
     for _ in range(3):
-        loss = -reference.log_prob(x).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        reference_step(reference, optimizer, x)
     assert step._compiled.failed
     for got, want in zip(eager_flow.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
