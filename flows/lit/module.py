@@ -231,7 +231,6 @@ class DensityModule(L.LightningModule):
         return self._nonfinite(f"gradient norm became {float(norm)} at step "
                                f"{self.global_step} with a finite loss, {where}")
 
-
     def logs_this_step(self) -> bool:
         """Whether this training step's metrics are logged: on the steps Lightning's logger
         writes (every ``log_every_n_steps``) and the last. Each ``self.log`` call costs 1-2 ms
