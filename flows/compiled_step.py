@@ -90,12 +90,11 @@ class CompiledAdamStep:
         self.flow = flow
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
-        transform = dict(flow.transform.named_parameters())
         self.params = list(optimizer.param_groups[0]["params"])
-        by_id = {id(p): name for name, p in transform.items()}
-        self.names = [by_id[id(p)] for p in self.params]
-        # dynamic=None: parameters and state keep static shapes (a step compiled with symbolic
-        # shapes everywhere ran slower); a new batch size adds one graph dynamic in it
+        names = {id(p): name for name, p in flow.transform.named_parameters()}
+        self.names = [names[id(p)] for p in self.params]
+        # dynamic=None: the parameters and optimizer state never change shape, so the graph is
+        # static; a new batch size adds one graph dynamic in the batch dimension only
         self._compiled = CompiledOrEager(self._step, dynamic=None, fullgraph=True,
                                          off_switch="compile_step=false")
 

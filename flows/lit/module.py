@@ -56,8 +56,8 @@ class DensityModule(L.LightningModule):
     one compiled graph, run inside ``training_step``, which returns ``None`` so that Lightning
     has no backward to run and its optimizer step finds no gradients. Checkpoints, resuming,
     schedules, the logs and the non-finite handling are the same as with the standard step;
-    it needs Adam or AdamW, one process, no gradient accumulation, ``*-true`` precision and a
-    flow whose forward pass updates no state (``check_compile_step``).
+    it needs Adam or AdamW, one process, no gradient accumulation, ``32-true`` or ``64-true``
+    precision and a flow whose forward pass updates no state (``check_compile_step``).
 
     Every training step first reseeds torch's global generator (on an accelerator, its
     generators too) from ``(seed, step, rank)`` (``step_seed``), so the randomness drawn
