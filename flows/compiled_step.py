@@ -12,6 +12,7 @@ from torch.optim.adam import adam
 
 from flows.bijections.normalization import ActNorm, BatchNorm
 from flows.core import Bijection, Compose, NormalizingFlow
+from flows.flat_adam_state import FlatAdamState, FlatTensors
 from flows.nn.compile import CompiledOrEager
 
 # What a layer's forward pass writes, by kind of layer.
@@ -60,6 +61,9 @@ class CompiledAdamStep:
     ``exp_avg``, ``exp_avg_sq``; the layout ``torch.optim.Adam`` itself keeps, so a checkpoint
     resumes with either step). The update is committed only if the loss and the norm are
     finite: after a non-finite step the weights and the optimizer state are as they were.
+    The weights and the Adam state live in flat tensors (``FlatAdamState``: the parameters and
+    the state's entries become views of them on the first call), so the gradient, its norm and
+    the update are each one pass over one tensor.
 
     One graph instead of the forward graph, autograd's backward, gradient accumulation and a
     fused-Adam call: Real NVP 2-D (8 couplings 1-128-128-2, batch 512, 2 CPU threads) steps in
@@ -90,9 +94,10 @@ class CompiledAdamStep:
         self.flow = flow
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
-        self.params = list(optimizer.param_groups[0]["params"])
+        params = list(optimizer.param_groups[0]["params"])
         names = {id(p): name for name, p in flow.transform.named_parameters()}
-        self.names = [names[id(p)] for p in self.params]
+        self.names = [names[id(p)] for p in params]
+        self.storage = FlatAdamState(params, optimizer)
         # dynamic=None: the parameters and optimizer state never change shape, so the graph is
         # static; a new batch size adds one graph dynamic in the batch dimension only
         self._compiled = CompiledOrEager(self._step, dynamic=None, fullgraph=True,
@@ -107,62 +112,41 @@ class CompiledAdamStep:
     def __call__(self, x: Tensor) -> StepOutput:
         self.flow.check_input(x)
         group = self.group
-        states = [self._state(p) for p in self.params]
-        anchor = self.params[0]
+        flat = self.storage.flat(group["amsgrad"])
         lr = group["lr"]  # a tensor: a schedule's new value each step is no new graph
-        lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=anchor.dtype,
-                                                             device=anchor.device)
+        lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=flat.param.dtype,
+                                                             device=flat.param.device)
         beta1, beta2 = group["betas"]
         hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                      maximize=group["maximize"],
                      decoupled_weight_decay=group.get("decoupled_weight_decay", False))
-        return self._compiled(
-            [p.detach() for p in self.params],
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states], x, lr, hyper)
+        return self._compiled(flat, x, lr, hyper)
 
-    def _state(self, p: Tensor) -> dict[str, Tensor]:
-        """``optimizer.state[p]``, created as ``torch.optim.Adam`` creates it on a first step,
-        with ``step`` a float32 scalar on ``p``'s device (as fused Adam keeps it; a step read
-        from a checkpoint onto another device is moved there once), so that the graph never
-        mixes devices."""
-        state, group = self.optimizer.state[p], self.group
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif state["step"].device != p.device:
-            state["step"] = state["step"].to(p.device)
-        return state
-
-    def _loss(self, params: list[Tensor], x: Tensor) -> Tensor:
-        state = dict(zip(self.names, params, strict=True))
-        z, logdet = functional_call(self.flow.transform, state, (x,), strict=False)
+    def _loss(self, param: Tensor, x: Tensor) -> Tensor:
+        views = dict(zip(self.names, self.storage.views_of(param), strict=True))
+        z, logdet = functional_call(self.flow.transform, views, (x,), strict=False)
         return -(self.flow.base.log_prob(z) + logdet).mean()
 
-    def _step(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-              max_exp_avg_sqs: list[Tensor], steps: list[Tensor], x: Tensor,
-              lr: Tensor, hyper: dict[str, float | bool]) -> StepOutput:
-        grads, loss = grad_and_value(self._loss)(params, x)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    def _step(self, flat: FlatTensors, x: Tensor, lr: Tensor,
+              hyper: dict[str, float | bool]) -> StepOutput:
+        grad, loss = grad_and_value(self._loss)(flat.param, x)
+        norm = torch.linalg.vector_norm(grad)
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         if self.max_grad_norm is not None:
             scale = torch.where(norm > self.max_grad_norm,
                                 self.max_grad_norm / (norm + 1e-6), torch.ones_like(norm))
-            grads = [g * scale for g in grads]
-        current = [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
-        # the update on copies, the step counts in the weights' dtype (exact: integers), so
-        # that the bias corrections 1 - beta^t are as precise as the weights
-        updated = [[t.to(params[0].dtype, copy=True) if tensors is steps else t.clone()
-                    for t in tensors] for tensors in current]
-        adam(updated[0], grads, *updated[1:], foreach=False, lr=lr, **hyper)
-        for old_tensors, new_tensors in zip(current, updated, strict=True):
-            for old, new in zip(old_tensors, new_tensors, strict=True):
-                old.copy_(torch.where(finite, new, old))
+            grad = grad * scale
+        current = [flat.param, *flat.moments]
+        updated = [t.clone() for t in current]
+        # the count in the weights' dtype (exact: integers), so that the bias corrections
+        # 1 - beta^t are as precise as the weights
+        step = flat.step[0].to(flat.param.dtype, copy=True)
+        moments = [[m] for m in updated[1:]] + ([] if hyper["amsgrad"] else [[]])
+        adam([updated[0]], [grad], *moments, [step], foreach=False, lr=lr, **hyper)
+        for old, new in zip(current, updated, strict=True):
+            old.copy_(torch.where(finite, new, old))
+        flat.step.copy_(torch.where(finite, step.to(flat.step.dtype), flat.step))
         return StepOutput(loss.detach(), norm.detach(), finite)
 
 

@@ -8,7 +8,7 @@ LIBRARY = [
     "flows.models.iresnet", "flows.data.toy", "flows.data.entropy",
     "flows.bijections.elementwise", "flows.bijections.reshape", "flows.bijections.conv",
     "flows.nn.conv", "flows.nn.lipschitz_conv", "flows.models.multiscale", "flows.data.images",
-    "flows.evaluation", "flows.diagnostics", "flows.compiled_step",
+    "flows.evaluation", "flows.diagnostics", "flows.compiled_step", "flows.flat_adam_state",
 ]
 
 

@@ -1,0 +1,133 @@
+"""Parameters and their Adam state as views of a few flat tensors, for one update over each."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+# The Adam state tensors shaped like their parameter, by name in ``optimizer.state[p]``.
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def memory_order(p: Tensor) -> tuple[list[int], list[int]]:
+    """``(physical, inverse)``: ``p``'s sizes from its outermost to its innermost dimension in
+    memory, and the permutation that takes a tensor of that shape back to ``p``'s; the layout
+    of ``torch.empty_like(p)``, which keeps a dense layout (e.g. channels-last) and makes any
+    other contiguous."""
+    strides = torch.empty_like(p).stride()
+    order = sorted(range(p.dim()), key=lambda d: -strides[d])
+    return [p.shape[d] for d in order], sorted(range(p.dim()), key=order.__getitem__)
+
+
+class FlatTensors(NamedTuple):
+    """The flat tensors: ``param``, ``moments`` (``exp_avg``, ``exp_avg_sq`` and, with
+    amsgrad, ``max_exp_avg_sq``; each of ``N`` values, ``N`` the parameters' total size) and
+    ``step`` (``(P,)`` float32, one count per parameter tensor, all equal)."""
+
+    param: Tensor
+    moments: tuple[Tensor, ...]
+    step: Tensor
+
+
+class FlatAdamState:
+    """``params`` and their state in ``optimizer.state`` (``torch.optim.Adam``'s layout) moved
+    into flat tensors and replaced by views of them.
+
+    Parameter ``i`` of ``n_i`` values becomes ``param[o_i : o_i + n_i]`` viewed with its own
+    shape and memory layout (``o_i = n_0 + ... + n_{i-1}``); its ``exp_avg``, ``exp_avg_sq``
+    (and ``max_exp_avg_sq``) become the same slices of the flat moments, and its ``step`` the
+    0-d view ``step[i]``. The module, the optimizer, ``state_dict`` and checkpoints still see
+    one tensor per parameter, and an update written into the flat tensors is an update of
+    every parameter: a compiled step then reads and writes 4 tensors instead of ``4 P`` (fewer
+    inputs to guard and to pass to its kernels).
+
+    ``flat()`` returns the flat tensors after checking that the views are still in place and
+    moving the values in again where they are not: after ``optimizer.load_state_dict``
+    (a resumed checkpoint), a ``module.to(...)`` that replaced the parameters' data, or a first
+    step (no state yet: zeros).
+
+    Args:
+        params: the parameters, one dtype and one device.
+        optimizer: the Adam optimizer whose ``state`` holds their moments.
+    """
+
+    def __init__(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        self.params = params
+        self.optimizer = optimizer
+        self.moment_names = MOMENTS[:2]
+        self._flat: FlatTensors | None = None
+        self._expected: list[tuple[int, tuple[Tensor, ...]]] = []
+
+    def flat(self, amsgrad: bool) -> FlatTensors:
+        """The flat tensors, the parameters and the optimizer's state their views; with
+        ``amsgrad``, ``max_exp_avg_sq`` among the moments."""
+        names = MOMENTS if amsgrad else MOMENTS[:2]
+        if self._flat is None or names != self.moment_names or not self._views_in_place():
+            self.moment_names = names
+            self._flat = self._move_in()
+        return self._flat
+
+    def views_of(self, flat: Tensor) -> list[Tensor]:
+        """The per-parameter views of a flat tensor laid out as ``flat()``'s (a gradient,
+        or a traced copy inside a compiled graph): ``split`` into the parameters' slices (whose
+        gradient is one concatenation), each viewed in its parameter's memory order and
+        permuted to its shape."""
+        return [piece.view(physical).permute(inverse) if inverse != sorted(inverse)
+                else piece.view(physical)
+                for piece, (physical, inverse) in zip(flat.split(self._sizes), self._layouts,
+                                                      strict=True)]
+
+    def _views_in_place(self) -> bool:
+        state = self.optimizer.state
+        for p, (pointer, views) in zip(self.params, self._expected, strict=True):
+            if p.data_ptr() != pointer or p not in state:
+                return False
+            entry = state[p]
+            if any(entry.get(name) is not view
+                   for name, view in zip((*self.moment_names, "step"), views, strict=True)):
+                return False
+        return True
+
+    def _move_in(self) -> FlatTensors:
+        """Copy the parameters' values and state into new flat tensors; point the parameters'
+        ``.data`` and the state's entries at views of them."""
+        first = self.params[0]
+        kinds = {(p.dtype, p.device) for p in self.params}
+        if len(kinds) > 1:
+            raise ValueError(f"flat storage needs one dtype and one device for all parameters, "
+                             f"got {sorted(map(str, kinds))}; move the flow with .to(...) first")
+        self._sizes = [p.numel() for p in self.params]
+        self._layouts = [memory_order(p) for p in self.params]
+        total = sum(self._sizes)
+        state = self.optimizer.state
+        steps = [state[p]["step"] if "step" in state.get(p, {}) else None for p in self.params]
+        counts = {float(s) for s in steps if s is not None}
+        if len(counts) > 1 or (counts and None in steps):
+            raise ValueError(f"the parameters have taken different numbers of Adam steps "
+                             f"({sorted(counts)}, or none for some); a flat update needs one "
+                             f"count for all: start from a checkpoint of a run that trained "
+                             f"every parameter at every step")
+        param = torch.empty(total, dtype=first.dtype, device=first.device)
+        moments = tuple(torch.zeros(total, dtype=first.dtype, device=first.device)
+                        for _ in self.moment_names)
+        step = torch.full((len(self.params),), counts.pop() if counts else 0.0,
+                          dtype=torch.float32, device=first.device)
+        param_views = self.views_of(param)
+        moment_views = [self.views_of(m) for m in moments]
+        step_views = list(step.unbind(0))
+        self._expected = []
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                param_views[i].copy_(p)
+                p.data = param_views[i]
+                entry = state[p]
+                for name, views in zip(self.moment_names, moment_views, strict=True):
+                    if name in entry:
+                        views[i].copy_(entry[name])
+                    entry[name] = views[i]
+                entry["step"] = step_views[i]
+                self._expected.append((p.data_ptr(),
+                                       (*(v[i] for v in moment_views), step_views[i])))
+        return FlatTensors(param, moments, step)
