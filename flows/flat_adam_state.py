@@ -58,7 +58,8 @@ class FlatAdamState:
         self.optimizer = optimizer
         self.moment_names = MOMENTS[:2]
         self._flat: FlatTensors | None = None
-        self._expected: list[tuple[int, tuple[Tensor, ...]]] = []
+        # per parameter: its data pointer, its state entry and that entry's (name, view)s
+        self._expected: list[tuple[nn.Parameter, int, dict, list[tuple[str, Tensor]]]] = []
 
     def flat(self, amsgrad: bool) -> FlatTensors:
         """The flat tensors, the parameters and the optimizer's state their views; with
@@ -80,13 +81,11 @@ class FlatAdamState:
                                                       strict=True)]
 
     def _views_in_place(self) -> bool:
-        state = self.optimizer.state
-        for p, (pointer, views) in zip(self.params, self._expected, strict=True):
-            if p.data_ptr() != pointer or p not in state:
+        get = self.optimizer.state.get
+        for p, pointer, entry, views in self._expected:
+            if p.data_ptr() != pointer or get(p) is not entry:
                 return False
-            entry = state[p]
-            if any(entry.get(name) is not view
-                   for name, view in zip((*self.moment_names, "step"), views, strict=True)):
+            if any(entry.get(name) is not view for name, view in views):
                 return False
         return True
 
@@ -123,11 +122,12 @@ class FlatAdamState:
                 param_views[i].copy_(p)
                 p.data = param_views[i]
                 entry = state[p]
-                for name, views in zip(self.moment_names, moment_views, strict=True):
+                views = [(name, v[i]) for name, v in zip(self.moment_names, moment_views,
+                                                         strict=True)]
+                for name, view in views:
                     if name in entry:
-                        views[i].copy_(entry[name])
-                    entry[name] = views[i]
+                        view.copy_(entry[name])
+                    entry[name] = view
                 entry["step"] = step_views[i]
-                self._expected.append((p.data_ptr(),
-                                       (*(v[i] for v in moment_views), step_views[i])))
+                self._expected.append((p, p.data_ptr(), entry, [*views, ("step", step_views[i])]))
         return FlatTensors(param, moments, step)
