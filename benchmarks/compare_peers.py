@@ -485,9 +485,12 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
         measured = {d for models in budget["nll"].values() for sets in models.values()
                     for d in sets}
         columns = [d for d in TOY_DATASETS if d in measured]
+        stamped = report.get("machines", {})
         lines += [f"## Test NLL (nats) after {budget['budget_s']:.0f} s of training, {schedule}, "
                   f"mean over seeds {budget['seeds']} (steps in brackets)", "",
-                  *machine_line(report, key),
+                  *[f"- {case}: {machine_line(report, per_case)[0]}" for case in budget["nll"]
+                    for per_case in [f"{key}/{case}" if f"{key}/{case}" in stamped else key]],
+                  "",
                   "| case | library | " + " | ".join(columns) + " |",
                   "|---|---|" + "---|" * len(columns)]
         for case, models in budget["nll"].items():
@@ -567,7 +570,8 @@ def main() -> None:
             report["sampling"] = {"train_s": args.sampling_train_s,
                                   "rates": sampling_section(args.sampling_train_s,
                                                             args.device)}
-        keys = [f"steps/{case}" for case in args.cases] if section == "steps" else [section]
+        keys = ([f"{section}/{case}" for case in args.cases]
+                if section == "steps" or section.startswith("budget") else [section])
         if section == "memory" and "i-ResNet 2-D" in args.cases:
             keys.append(SERIES_SWEEP)
         report.setdefault("machines", {}).update(dict.fromkeys(keys, stamp))
