@@ -14,10 +14,10 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 def memory_order(p: Tensor) -> tuple[list[int], list[int]]:
     """``(physical, inverse)``: ``p``'s sizes from its outermost to its innermost dimension in
     memory, and the permutation that takes a tensor of that shape back to ``p``'s; the layout
-    of ``torch.empty_like(p)``, which keeps a dense layout (e.g. channels-last) and makes any
-    other contiguous."""
+    of ``torch.empty_like(p)`` (``p``'s own if it is dense, e.g. channels-last; else its
+    suggested memory format), size-1 dimensions innermost among equal strides."""
     strides = torch.empty_like(p).stride()
-    order = sorted(range(p.dim()), key=lambda d: -strides[d])
+    order = sorted(range(p.dim()), key=lambda d: (-strides[d], p.shape[d] == 1))
     return [p.shape[d] for d in order], sorted(range(p.dim()), key=order.__getitem__)
 
 
@@ -41,7 +41,11 @@ class FlatAdamState:
     0-d view ``step[i]``. The module, the optimizer, ``state_dict`` and checkpoints still see
     one tensor per parameter, and an update written into the flat tensors is an update of
     every parameter: a compiled step then reads and writes 4 tensors instead of ``4 P`` (fewer
-    inputs to guard and to pass to its kernels).
+    inputs to guard and to pass to its kernels; 5 instead of ``5 P`` with amsgrad). The counts
+    are checked to be equal when moved in; afterwards the update writes ``step[0] + 1`` to all.
+    As torch documents for views, ``torch.save`` of one parameter or one state entry alone
+    writes the whole flat storage (``.clone()`` it first); a whole ``state_dict`` writes each
+    flat storage once.
 
     ``flat()`` returns the flat tensors after checking that the views are still in place and
     moving the values in again where they are not: after ``optimizer.load_state_dict``
@@ -66,8 +70,9 @@ class FlatAdamState:
         ``amsgrad``, ``max_exp_avg_sq`` among the moments."""
         names = MOMENTS if amsgrad else MOMENTS[:2]
         if self._flat is None or names != self.moment_names or not self._views_in_place():
+            self._flat = None  # until the move succeeds: a failed one is retried whole
+            self._flat, self._expected = self._move_in(names)
             self.moment_names = names
-            self._flat = self._move_in()
         return self._flat
 
     def views_of(self, flat: Tensor) -> list[Tensor]:
@@ -89,9 +94,10 @@ class FlatAdamState:
                 return False
         return True
 
-    def _move_in(self) -> FlatTensors:
+    def _move_in(self, moment_names: tuple[str, ...]) -> tuple[FlatTensors, list]:
         """Copy the parameters' values and state into new flat tensors; point the parameters'
-        ``.data`` and the state's entries at views of them."""
+        ``.data`` and the state's entries (``moment_names`` and ``step``) at views of them.
+        Returns the flat tensors and, per parameter, what ``_views_in_place`` checks."""
         first = self.params[0]
         kinds = {(p.dtype, p.device) for p in self.params}
         if len(kinds) > 1:
@@ -110,24 +116,24 @@ class FlatAdamState:
                              f"every parameter at every step")
         param = torch.empty(total, dtype=first.dtype, device=first.device)
         moments = tuple(torch.zeros(total, dtype=first.dtype, device=first.device)
-                        for _ in self.moment_names)
+                        for _ in moment_names)
         step = torch.full((len(self.params),), counts.pop() if counts else 0.0,
                           dtype=torch.float32, device=first.device)
         param_views = self.views_of(param)
         moment_views = [self.views_of(m) for m in moments]
         step_views = list(step.unbind(0))
-        self._expected = []
+        expected = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 param_views[i].copy_(p)
                 p.data = param_views[i]
                 entry = state[p]
-                views = [(name, v[i]) for name, v in zip(self.moment_names, moment_views,
+                views = [(name, v[i]) for name, v in zip(moment_names, moment_views,
                                                          strict=True)]
                 for name, view in views:
                     if name in entry:
                         view.copy_(entry[name])
                     entry[name] = view
                 entry["step"] = step_views[i]
-                self._expected.append((p, p.data_ptr(), entry, [*views, ("step", step_views[i])]))
-        return FlatTensors(param, moments, step)
+                expected.append((p, p.data_ptr(), entry, [*views, ("step", step_views[i])]))
+        return FlatTensors(param, moments, step), expected

@@ -48,6 +48,8 @@ def test_step_is_torchs_adamw_with_amsgrad_and_clipping_in_float64():
         x = 1.5 * torch.randn(64, 2, generator=generator, dtype=torch.float64)
         compiled_opt.param_groups[0]["lr"] = eager_opt.param_groups[0]["lr"] = 1e-2 / (i + 1)
         out = step(x)
+        if i == 0:
+            flat = step.storage.flat(True)  # moved in on the first call, then left in place
         loss, norm = reference_step(eager_flow, eager_opt, x, 50.0)
         clipped += bool(norm > 50.0)
         assert bool(out.finite)
@@ -55,6 +57,7 @@ def test_step_is_torchs_adamw_with_amsgrad_and_clipping_in_float64():
         torch.testing.assert_close(out.grad_norm, norm, rtol=1e-12, atol=0)
     assert 0 < clipped < 6  # both sides of the threshold were exercised
     assert step._compiled.compiled is not None and not step._compiled.failed  # no fallback
+    assert step.storage.flat(True) is flat
     for got, want in zip(compiled_flow.parameters(), eager_flow.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     got_state = compiled_opt.state_dict()["state"]

@@ -10,18 +10,31 @@ from torch import nn
 from flows.flat_adam_state import FlatAdamState
 
 
+class Net(nn.Module):
+    """Parameters of several layouts: a channels-last convolution weight with one input
+    channel (strides ``(9, 1, 3, 1)``), a transposed matrix (strides ``(1, 64)``), a 0-d
+    scale and plain biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.conv.weight.data = torch.empty_strided((4, 1, 3, 3), (9, 1, 3, 1)).copy_(
+            self.conv.weight.data)
+        self.weight = nn.Parameter(torch.randn(5, 64).t() / 8)
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (torch.relu(self.conv(x)).flatten(1) @ self.weight)
+
+
 def net() -> nn.Module:
-    """Parameters of several shapes, the first channels-last."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.Flatten(),
-                          nn.Linear(32, 5))
-    model[0].weight.data = model[0].weight.data.contiguous(memory_format=torch.channels_last)
-    return model
+    return Net()
 
 
 def adam_steps(model: nn.Module, optimizer: torch.optim.Optimizer, seeds: range) -> None:
     for seed in seeds:
-        x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+        x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
         optimizer.zero_grad()
         model(x).square().mean().backward()
         optimizer.step()
@@ -35,6 +48,8 @@ def test_flattening_mid_run_changes_nothing_in_a_standard_adam_run(amsgrad):
     for model, optimizer in zip((plain, flat), optimizers, strict=True):
         adam_steps(model, optimizer, range(3))
     params = list(flat.parameters())
+    layouts = [(p.shape, p.stride()) for p in params]
+    assert flat.conv.weight.stride() == (9, 1, 3, 1) and flat.weight.stride() == (1, 64)
     storage = FlatAdamState(params, optimizers[1])
     tensors = storage.flat(amsgrad)
 
@@ -44,7 +59,7 @@ def test_flattening_mid_run_changes_nothing_in_a_standard_adam_run(amsgrad):
     for p, q in zip(plain.parameters(), params, strict=True):
         assert torch.equal(p, q)
         assert q.untyped_storage().data_ptr() == tensors.param.untyped_storage().data_ptr()
-    assert flat[0].weight.is_contiguous(memory_format=torch.channels_last)  # layout kept
+    assert [(p.shape, p.stride()) for p in params] == layouts  # every layout kept
     for index, (got, want) in enumerate(zip(storage.views_of(tensors.param), params,
                                             strict=True)):
         assert got.data_ptr() == want.data_ptr() and got.stride() == want.stride(), index
@@ -92,11 +107,18 @@ def test_replaced_views_are_moved_in_again():
     assert torch.equal(second.moments[1], first.moments[1])
     assert torch.equal(second.step, first.step)
 
+    # amsgrad turned on: a third moment, zeros, beside the two moved in again
+    fourth = storage.flat(True)
+    assert len(fourth.moments) == 3 and not fourth.moments[2].any()
+    assert torch.equal(fourth.moments[0], second.moments[0])
+    assert storage.flat(True) is fourth
+
     # the model cast to float64: new data, moved in again as float64
     model.double()
-    third = storage.flat(False)
+    third = storage.flat(True)
     assert third.param.dtype == torch.float64
     assert torch.equal(third.param.float(), second.param)
+    assert torch.equal(third.moments[2].float(), fourth.moments[2])
     assert all(p.untyped_storage().data_ptr() == third.param.untyped_storage().data_ptr()
                for p in model.parameters())
 
@@ -111,6 +133,6 @@ def test_bad_layouts_are_refused_with_the_reason():
         FlatAdamState(params, optimizer).flat(False)
 
     model = net()
-    model[0].double()
+    model.conv.double()
     with pytest.raises(ValueError, match="one dtype and one device.*torch.float64"):
         FlatAdamState(list(model.parameters()), torch.optim.Adam(model.parameters())).flat(False)
