@@ -67,7 +67,7 @@ class CompiledAdamStep:
 
     One graph instead of the forward graph, autograd's backward, gradient accumulation and a
     fused-Adam call: Real NVP 2-D (8 couplings 1-128-128-2, batch 512, 2 CPU threads) steps in
-    0.75-0.91 of the time of the compiled transform with a fused Adam step (README).
+    0.71-0.91 of the time of the compiled transform with a fused Adam step (README).
 
     Args:
         flow: a flow whose forward pass is a pure function of its parameters and input (no
