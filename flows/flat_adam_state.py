@@ -80,8 +80,7 @@ class FlatAdamState:
         or a traced copy inside a compiled graph): ``split`` into the parameters' slices (whose
         gradient is one concatenation), each viewed in its parameter's memory order and
         permuted to its shape."""
-        return [piece.view(physical).permute(inverse) if inverse != sorted(inverse)
-                else piece.view(physical)
+        return [piece.view(physical).permute(inverse)
                 for piece, (physical, inverse) in zip(flat.split(self._sizes), self._layouts,
                                                       strict=True)]
 
