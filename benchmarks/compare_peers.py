@@ -112,7 +112,7 @@ PAIRS = {
     "i-ResNet 2-D": [("flows exact, compiled", ["normflows brute-force 2-D"], 0.5),
                      ("flows series 5 terms, neumann, compiled",
                       ["normflows brute-force 2-D", "normflows unbiased, memory-saving"], 0.5)],
-    **{case: [("flows glow", ["normflows Glow 2x8, 64 ch"], 0.67),
+    **{case: [("flows glow, compiled step", ["normflows Glow 2x8, 64 ch"], 0.67),
               ("flows iresnet", ["normflows i-ResNet 2x6, 32 ch"], 0.67)]
        for case in ("images 1x8x8", "images 1x28x28")},
 }

@@ -265,10 +265,16 @@ def image_candidates(data: str) -> dict[str, Candidate]:
     """Case 3: flows' default image models (``data`` = digits or mnist shapes), normflows'
     Glow (2 levels x 8 blocks, 64 channels; flows' glow default is the same size) and
     normflows' residual flow built as flows' default i-ResNet (``normflows_conv_iresnet``)."""
+    from flows.compiled_step import CompiledAdamStep
+
     cases = {f"flows {m}": _flows(flows_image_model(m, data))
              for m in ("realnvp", "glow", "iresnet")}
     cases["flows iresnet, neumann_in_forward"] = _flows(flows_image_model(
         "iresnet", data, "model.series_gradient=neumann_in_forward"))
+    glow = flows_image_model("glow", data)
+    cases["flows glow, compiled step"] = Candidate(
+        glow.log_prob, glow, glow.sample, "loss, gradient and Adam in one graph",
+        make_step=lambda optimizer: CompiledAdamStep(glow, optimizer))
     shape = (1, 8, 8) if data == "digits" else (1, 28, 28)
     model = normflows_glow(shape)
     cases["normflows Glow 2x8, 64 ch"] = Candidate(

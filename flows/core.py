@@ -24,7 +24,14 @@ class Bijection(nn.Module):
     Subclasses implement ``forward(x) -> (z, logdet)`` and ``inverse(z) -> (x, logdet)``.
     In training mode a layer may return an unbiased (or truncated) stochastic estimate of
     the log-det (i-ResNet's power series); in eval mode it returns its most accurate one.
+    A layer defined on part of the space only says so in ``check_domain``.
     """
+
+    def check_domain(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` saying what is wrong if ``x`` lies outside the set that
+        ``forward`` maps bijectively; every real input is allowed unless a layer says
+        otherwise. Compiled code calls it eagerly before its graph: a check that depends on
+        the values cannot be traced."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -56,6 +63,11 @@ class Compose(Bijection):
     def __init__(self, *bijections: Bijection) -> None:
         super().__init__()
         self.bijections = nn.ModuleList(bijections)
+
+    def check_domain(self, x: Tensor) -> None:
+        """The first layer's domain: the rest see its outputs."""
+        if len(self.bijections):
+            self.bijections[0].check_domain(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logdet = x.new_zeros(x.shape[0])
@@ -108,6 +120,7 @@ class NormalizingFlow(nn.Module):
         """Map a batch ``(B, *event_shape)`` to ``(z, log|det dz/dx|)``."""
         self.check_input(x)
         if self.compile_transform:
+            self.transform.check_domain(x)
             return _apply_compiled(self.transform, x)
         return self.transform(x)
 

@@ -6,11 +6,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from flows.bijections.normalization import ActNorm
 from flows.compiled_step import CompiledAdamStep
 from flows.core import NormalizingFlow
 from flows.distributions import StandardNormal
 from flows.lit.module import DensityModule, NonFiniteError
 from flows.models.iresnet import IResNet
+from flows.models.multiscale import Glow
 from flows.models.realnvp import RealNVP
 from tests.test_module import SteepShift, small_toy, trainer
 
@@ -86,9 +88,9 @@ def test_unsupported_flows_and_optimizers_are_refused_with_the_reason():
         CompiledAdamStep(flow, torch.optim.SGD(flow.parameters(), lr=0.1))
     with pytest.raises(ValueError, match=r"exactly the flow's 12 trainable parameters, got \[6\]"):
         CompiledAdamStep(flow, torch.optim.Adam(list(flow.parameters())[:6]))
-    normed = RealNVP(2, num_layers=2, hidden_features=8, normalization="actnorm")
-    with pytest.raises(ValueError, match=r"transform.bijections.1 \(ActNorm\) initialises "
-                                         r"itself from the first batch"):
+    normed = RealNVP(2, num_layers=2, hidden_features=8, normalization="batchnorm")
+    with pytest.raises(ValueError, match=r"transform.bijections.1 \(BatchNorm\) updates its "
+                                         r"running statistics"):
         CompiledAdamStep(normed, torch.optim.Adam(normed.parameters()))
     iresnet = IResNet(2, num_blocks=1, hidden_features=8, actnorm=False)
     with pytest.raises(ValueError, match=r"transform.bijections.0 \(ResidualBlock\) updates the "
@@ -96,6 +98,51 @@ def test_unsupported_flows_and_optimizers_are_refused_with_the_reason():
         CompiledAdamStep(iresnet, torch.optim.Adam(iresnet.parameters()))
     with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
         CompiledAdamStep(flow, torch.optim.Adam(flow.parameters()), max_grad_norm=0.0)
+
+
+def test_glow_steps_are_torchs_adam_after_actnorms_first_batch_and_bad_pixels_change_nothing():
+    """Glow: ActNorm initialised from the first batch as the eager step does, the logit's
+    [0, 1] check before the graph; float64, so the two runs agree to rounding."""
+    def glow() -> Glow:
+        torch.manual_seed(0)
+        flow = Glow((1, 4, 4), num_levels=2, num_steps=2, hidden_channels=8).double()
+        with torch.no_grad():  # zero-initialised last convolutions: perturb
+            for p in flow.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return flow
+
+    compiled_flow, eager_flow = glow(), glow()
+    compiled_opt = torch.optim.Adam(compiled_flow.parameters(), lr=1e-2, weight_decay=0.03)
+    eager_opt = torch.optim.Adam(eager_flow.parameters(), lr=1e-2, weight_decay=0.03)
+    step = CompiledAdamStep(compiled_flow, compiled_opt, max_grad_norm=100.0)
+    actnorms = [m for m in compiled_flow.modules() if isinstance(m, ActNorm)]
+    assert len(actnorms) == 4
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.rand(16, 1, 4, 4, generator=generator, dtype=torch.float64)
+               for _ in range(4)]
+
+    bad = batches[0].clone()
+    bad[3, 0, 1, 2] = 1.5
+    weights = [p.clone() for p in compiled_flow.parameters()]
+    with pytest.raises(ValueError, match=r"image values must lie in \[0, 1\] .*, got values in "
+                                         r"\[.*, 1.5\]"):
+        step(bad)
+    assert all(m.needs_initialization for m in actnorms)  # not initialised from a refused batch
+    assert all(torch.equal(a, b) for a, b in zip(weights, compiled_flow.parameters()))
+
+    for x in batches:
+        out = step(x)
+        loss, norm = reference_step(eager_flow, eager_opt, x, 100.0)
+        assert bool(out.finite)
+        torch.testing.assert_close(out.loss, loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.grad_norm, norm, rtol=1e-11, atol=0)
+    assert not any(m.needs_initialization for m in actnorms)
+    assert step._compiled.compiled is not None and not step._compiled.failed  # no fallback
+    for got, want in zip(compiled_flow.state_dict().values(), eager_flow.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"image values must lie in \[0, 1\]"):
+        step(bad)  # refused after compiling as well
 
 
 def fit_realnvp(tmp_path, compile_step: bool, max_steps: int, ckpt_path=None,
