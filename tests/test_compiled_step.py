@@ -128,7 +128,7 @@ def test_glow_steps_are_torchs_adam_after_actnorms_first_batch_and_bad_pixels_ch
                                          r"\[.*, 1.5\]"):
         step(bad)
     assert all(m.needs_initialization for m in actnorms)  # not initialised from a refused batch
-    assert all(torch.equal(a, b) for a, b in zip(weights, compiled_flow.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(weights, compiled_flow.parameters(), strict=True))
 
     for x in batches:
         out = step(x)
