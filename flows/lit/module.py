@@ -57,7 +57,8 @@ class DensityModule(L.LightningModule):
     has no backward to run and its optimizer step finds no gradients. Checkpoints, resuming,
     schedules, the logs and the non-finite handling are the same as with the standard step;
     it needs Adam or AdamW, one process, no gradient accumulation, ``32-true`` or ``64-true``
-    precision and a flow whose forward pass updates no state (``check_compile_step``).
+    precision and a flow whose forward pass updates no state once ActNorm is initialised
+    (``check_compile_step``).
 
     Every training step first reseeds torch's global generator (on an accelerator, its
     generators too) from ``(seed, step, rank)`` (``step_seed``), so the randomness drawn
