@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from torch.optim.adam import adam
 
 from flows.bijections.normalization import ActNorm, BatchNorm
-from flows.core import Bijection, Compose, NormalizingFlow
+from flows.core import Bijection, Compose, NormalizingFlow, domain_checked
 from flows.flat_adam_state import FlatAdamState, FlatTensors
 from flows.nn.compile import CompiledOrEager
 
@@ -63,8 +63,9 @@ class CompiledAdamStep:
     finite: after a non-finite step the weights and the optimizer state are as they were.
     ActNorm layers not yet initialised are initialised first, by one eager forward pass
     without gradients on the batch (what the first forward of an eager step does); the graph
-    then sees plain parameters. Value checks on the batch (``Bijection.check_domain``: the
-    logit's ``[0, 1]``) run eagerly before the graph, so a refused batch changes nothing.
+    then sees plain parameters (a first batch with NaNs initialises them with NaNs, as the
+    eager step's first forward does). Value checks on the batch (``Bijection.check_domain``:
+    the logit's ``[0, 1]``) run eagerly before the graph, so a refused batch changes nothing.
     The weights and the Adam state live in flat tensors (``FlatAdamState``: the parameters and
     the state's entries become views of them on the first call), so the gradient, its norm and
     the update are each one pass over one tensor.
@@ -120,7 +121,7 @@ class CompiledAdamStep:
     def __call__(self, x: Tensor) -> StepOutput:
         self.flow.check_input(x)
         self.flow.transform.check_domain(x)
-        if self.flow.training and any(m.needs_initialization for m in self._actnorms):
+        if any(m.training and m.needs_initialization for m in self._actnorms):
             with torch.no_grad():
                 self.flow.transform(x)
         group = self.group
@@ -133,7 +134,8 @@ class CompiledAdamStep:
                      weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                      maximize=group["maximize"],
                      decoupled_weight_decay=group.get("decoupled_weight_decay", False))
-        return self._compiled(flat, x, lr, hyper)
+        with domain_checked():
+            return self._compiled(flat, x, lr, hyper)
 
     def _loss(self, param: Tensor, x: Tensor) -> Tensor:
         views = dict(zip(self.names, self.storage.views_of(param), strict=True))

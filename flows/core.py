@@ -8,7 +8,8 @@ Every log-det has shape ``(batch,)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,6 +17,28 @@ from torch import Tensor, nn
 
 from flows.distributions import StandardNormal
 from flows.nn.compile import CompiledOrEager
+
+_domain_checked = False
+
+
+@contextmanager
+def domain_checked() -> Iterator[None]:
+    """Inside it, layers skip the ``check_domain`` in their ``forward``: the caller has run
+    ``transform.check_domain(x)`` on the flow's input eagerly, outside a compiled graph, which
+    cannot trace a check that reads values. Only the input is checked (``Compose`` asks its
+    first layer), so a layer with a restricted domain deeper in a flow goes unchecked here."""
+    global _domain_checked
+    previous, _domain_checked = _domain_checked, True
+    try:
+        yield
+    finally:
+        _domain_checked = previous
+
+
+def domain_checked_by_caller() -> bool:
+    """Whether the code runs inside ``domain_checked`` (read by a layer's ``forward``; a
+    compiled graph guards on it)."""
+    return _domain_checked
 
 
 class Bijection(nn.Module):
@@ -31,7 +54,7 @@ class Bijection(nn.Module):
         """Raise a ``ValueError`` saying what is wrong if ``x`` lies outside the set that
         ``forward`` maps bijectively; every real input is allowed unless a layer says
         otherwise. Compiled code calls it eagerly before its graph: a check that depends on
-        the values cannot be traced."""
+        the values cannot be traced (``domain_checked``)."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -65,7 +88,8 @@ class Compose(Bijection):
         self.bijections = nn.ModuleList(bijections)
 
     def check_domain(self, x: Tensor) -> None:
-        """The first layer's domain: the rest see its outputs."""
+        """The first layer's check: the input is its input (the later layers see outputs,
+        which this does not compute)."""
         if len(self.bijections):
             self.bijections[0].check_domain(x)
 
@@ -121,7 +145,8 @@ class NormalizingFlow(nn.Module):
         self.check_input(x)
         if self.compile_transform:
             self.transform.check_domain(x)
-            return _apply_compiled(self.transform, x)
+            with domain_checked():
+                return _apply_compiled(self.transform, x)
         return self.transform(x)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:

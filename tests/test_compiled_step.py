@@ -6,6 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from flows.bijections.elementwise import Logit
 from flows.bijections.normalization import ActNorm
 from flows.compiled_step import CompiledAdamStep
 from flows.core import NormalizingFlow
@@ -111,6 +112,7 @@ def test_glow_steps_are_torchs_adam_after_actnorms_first_batch_and_bad_pixels_ch
                 p.add_(0.05 * torch.randn_like(p))
         return flow
 
+    torch._dynamo.reset()  # earlier tests' graphs count towards the recompile limit
     compiled_flow, eager_flow = glow(), glow()
     compiled_opt = torch.optim.Adam(compiled_flow.parameters(), lr=1e-2, weight_decay=0.03)
     eager_opt = torch.optim.Adam(eager_flow.parameters(), lr=1e-2, weight_decay=0.03)
@@ -141,8 +143,20 @@ def test_glow_steps_are_torchs_adam_after_actnorms_first_batch_and_bad_pixels_ch
     for got, want in zip(compiled_flow.state_dict().values(), eager_flow.state_dict().values(),
                          strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    weights = [p.clone() for p in compiled_flow.parameters()]
     with pytest.raises(ValueError, match=r"image values must lie in \[0, 1\]"):
         step(bad)  # refused after compiling as well
+    assert all(torch.equal(a, b) for a, b in zip(weights, compiled_flow.parameters(), strict=True))
+
+
+def test_a_logit_compiled_outside_flows_callers_still_refuses_bad_pixels():
+    """Only flows' compiled callers, which check first, let the logit skip its check."""
+    torch._dynamo.reset()
+    logit = torch.compile(Logit(1e-6))
+    x = torch.rand(4, 1, 2, 2)
+    torch.testing.assert_close(logit(x)[0], Logit(1e-6)(x)[0])
+    with pytest.raises(ValueError, match=r"image values must lie in \[0, 1\]"):
+        logit(x - 0.5)
 
 
 def fit_realnvp(tmp_path, compile_step: bool, max_steps: int, ckpt_path=None,

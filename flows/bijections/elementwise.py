@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from flows.core import Bijection
+from flows.core import Bijection, domain_checked_by_caller
 
 
 class Logit(Bijection):
@@ -24,7 +24,8 @@ class Logit(Bijection):
     bijection from the box ``(-a, 1 + a)^D``, ``a = alpha / (1 - 2 alpha)``, onto ``R^D``, so
     a flow starting with it puts mass ``<= 1`` on ``[0, 1]^D`` (its bits per dimension there
     are an upper bound) and its samples can leave ``[0, 1]`` by up to ``a``. Data values
-    outside ``[0, 1]`` are refused by ``forward`` with a ``ValueError``.
+    outside ``[0, 1]`` are refused by ``forward`` with a ``ValueError`` (``check_domain``; flows'
+    compiled callers run it before their graph and ``forward`` then skips it).
 
     References:
         Dinh, Sohl-Dickstein & Bengio, Density estimation using Real NVP (2017), sec. 4.1,
@@ -51,7 +52,7 @@ class Logit(Bijection):
             )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if not torch.compiler.is_compiling():  # compiled callers check before their graph
+        if not domain_checked_by_caller():  # compiled callers check before their graph
             self.check_domain(x)
         p = self.alpha + (1.0 - 2.0 * self.alpha) * x
         z = torch.log(p) - torch.log1p(-p)
