@@ -148,6 +148,20 @@ def test_glow_steps_are_torchs_adam_after_actnorms_first_batch_and_bad_pixels_ch
         step(bad)  # refused after compiling as well
     assert all(torch.equal(a, b) for a, b in zip(weights, compiled_flow.parameters(), strict=True))
 
+    # resumed into a new model and optimizer: ActNorm is not initialised again
+    resumed_flow = glow()
+    resumed_flow.load_state_dict(compiled_flow.state_dict())
+    resumed_opt = torch.optim.Adam(resumed_flow.parameters(), lr=1e-2, weight_decay=0.03)
+    resumed_opt.load_state_dict(compiled_opt.state_dict())
+    resumed = CompiledAdamStep(resumed_flow, resumed_opt, max_grad_norm=100.0)
+    x = torch.rand(16, 1, 4, 4, generator=generator, dtype=torch.float64)
+    out = resumed(x)
+    loss, _ = reference_step(eager_flow, eager_opt, x, 100.0)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-12, atol=0)
+    for got, want in zip(resumed_flow.state_dict().values(), eager_flow.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
 
 def test_a_logit_compiled_outside_flows_callers_still_refuses_bad_pixels():
     """Only flows' compiled callers, which check first, let the logit skip its check."""
