@@ -120,8 +120,11 @@ class CompiledAdamStep:
 
     def __call__(self, x: Tensor) -> StepOutput:
         self.flow.check_input(x)
-        self.flow.transform.check_domain(x)
-        if any(m.training and m.needs_initialization for m in self._actnorms):
+        with domain_checked(self.flow.transform, x):
+            return self._checked_call(x)
+
+    def _checked_call(self, x: Tensor) -> StepOutput:
+        if any(m.initializes_on_forward for m in self._actnorms):
             with torch.no_grad():
                 self.flow.transform(x)
         group = self.group
@@ -134,8 +137,7 @@ class CompiledAdamStep:
                      weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                      maximize=group["maximize"],
                      decoupled_weight_decay=group.get("decoupled_weight_decay", False))
-        with domain_checked():
-            return self._compiled(flat, x, lr, hyper)
+        return self._compiled(flat, x, lr, hyper)
 
     def _loss(self, param: Tensor, x: Tensor) -> Tensor:
         views = dict(zip(self.names, self.storage.views_of(param), strict=True))

@@ -22,11 +22,12 @@ _domain_checked = False
 
 
 @contextmanager
-def domain_checked() -> Iterator[None]:
-    """Inside it, layers skip the ``check_domain`` in their ``forward``: the caller has run
-    ``transform.check_domain(x)`` on the flow's input eagerly, outside a compiled graph, which
-    cannot trace a check that reads values. Only the input is checked (``Compose`` asks its
-    first layer), so a layer with a restricted domain deeper in a flow goes unchecked here."""
+def domain_checked(transform: Bijection, x: Tensor) -> Iterator[None]:
+    """Run ``transform.check_domain(x)`` eagerly (it raises for a refused batch), then, inside
+    the block, let layers skip the ``check_domain`` in their ``forward``: for compiled graphs,
+    which cannot trace a check that reads values. Only the input is checked (``Compose`` asks
+    its first layer), so a layer with a restricted domain deeper in a flow goes unchecked."""
+    transform.check_domain(x)
     global _domain_checked
     previous, _domain_checked = _domain_checked, True
     try:
@@ -144,8 +145,7 @@ class NormalizingFlow(nn.Module):
         """Map a batch ``(B, *event_shape)`` to ``(z, log|det dz/dx|)``."""
         self.check_input(x)
         if self.compile_transform:
-            self.transform.check_domain(x)
-            with domain_checked():
+            with domain_checked(self.transform, x):
                 return _apply_compiled(self.transform, x)
         return self.transform(x)
 

@@ -75,6 +75,12 @@ class ActNorm(Bijection):
         super()._load_from_state_dict(state_dict, prefix, *args)
         self.needs_initialization = not bool(self.initialized)
 
+    @property
+    def initializes_on_forward(self) -> bool:
+        """Whether the next forward sets the parameters from its batch (training mode, not
+        yet initialised)."""
+        return self.training and self.needs_initialization
+
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         values = x.transpose(0, 1).flatten(1)
@@ -92,7 +98,7 @@ class ActNorm(Bijection):
         self.needs_initialization = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and self.needs_initialization:
+        if self.initializes_on_forward:
             self._initialize(x)
         return actnorm(x, self.shift, self.log_scale)
 

@@ -72,7 +72,7 @@ class MLPResidualChain(Compose):
 
     def fusable(self, x: Tensor) -> bool:
         """Whether ``forward(x)`` takes the fused path (see the class docstring)."""
-        if self.training and any(norm.needs_initialization for norm in self.actnorms):
+        if any(norm.initializes_on_forward for norm in self.actnorms):
             return False
         if any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.bijections):
             return False
