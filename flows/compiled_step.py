@@ -8,11 +8,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 from torch.nn.utils import parametrize
-from torch.optim.adam import adam
 
 from flows.bijections.normalization import ActNorm, BatchNorm
 from flows.core import Bijection, Compose, NormalizingFlow, domain_checked
-from flows.flat_adam_state import FlatAdamState, FlatTensors
+from flows.flat_adam_state import FlatAdamState, FlatTensors, adam_update
 from flows.nn.compile import CompiledOrEager
 
 # What a layer's forward pass writes, by kind of layer (ActNorm's one-off initialisation runs
@@ -55,12 +54,13 @@ class CompiledAdamStep:
     gradient by ``torch.func.grad_and_value`` over ``torch.func.functional_call`` (no autograd
     graph kept between calls, nothing written to ``.grad``), the total norm ``||g||_2`` over
     all parameters, clips as ``torch.nn.utils.clip_grad_norm_`` does (``g * max_grad_norm /
-    (||g|| + 1e-6)`` when ``||g|| > max_grad_norm``), then applies torch's own Adam update
-    (``torch.optim.adam.adam``, the optimizer's hyper-parameters read at every call, so a
-    learning-rate schedule applies) to the weights and to ``optimizer.state`` (``step``,
-    ``exp_avg``, ``exp_avg_sq``; the layout ``torch.optim.Adam`` itself keeps, so a checkpoint
-    resumes with either step). The update is committed only if the loss and the norm are
-    finite: after a non-finite step the weights and the optimizer state are as they were.
+    (||g|| + 1e-6)`` when ``||g|| > max_grad_norm``), then applies torch's Adam update
+    (``flat_adam_state.adam_update``: torch's formula, its bias corrections computed once;
+    the optimizer's hyper-parameters read at every call, so a learning-rate schedule applies)
+    to the weights and to ``optimizer.state`` (``step``, ``exp_avg``, ``exp_avg_sq``; the
+    layout ``torch.optim.Adam`` itself keeps, so a checkpoint resumes with either step).
+    The update is committed only if the loss and the norm are finite: after a non-finite
+    step the weights and the optimizer state are as they were.
     ActNorm layers not yet initialised are initialised first, by one eager forward pass
     without gradients on the batch (what the first forward of an eager step does); the graph
     then sees plain parameters (a first batch with NaNs initialises them with NaNs, as the
@@ -153,16 +153,10 @@ class CompiledAdamStep:
             scale = torch.where(norm > self.max_grad_norm,
                                 self.max_grad_norm / (norm + 1e-6), torch.ones_like(norm))
             grad = grad * scale
-        current = [flat.param, *flat.moments]
-        updated = [t.clone() for t in current]
-        # the count in the weights' dtype (exact: integers), so that the bias corrections
-        # 1 - beta^t are as precise as the weights
-        step = flat.step[0].to(flat.param.dtype, copy=True)
-        moments = [[m] for m in updated[1:]] + ([] if hyper["amsgrad"] else [[]])
-        adam([updated[0]], [grad], *moments, [step], foreach=False, lr=lr, **hyper)
-        for old, new in zip(current, updated, strict=True):
+        updated, count = adam_update(flat, grad, lr, **hyper)
+        for old, new in zip([flat.param, *flat.moments], updated, strict=True):
             old.copy_(torch.where(finite, new, old))
-        flat.step.copy_(torch.where(finite, step.to(flat.step.dtype), flat.step))
+        flat.step.copy_(torch.where(finite, count.to(flat.step.dtype), flat.step))
         return StepOutput(loss.detach(), norm.detach(), finite)
 
 

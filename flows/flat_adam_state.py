@@ -31,6 +31,45 @@ class FlatTensors(NamedTuple):
     step: Tensor
 
 
+def adam_update(flat: FlatTensors, grad: Tensor, lr: Tensor, *, beta1: float, beta2: float,
+                eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                decoupled_weight_decay: bool) -> tuple[list[Tensor], Tensor]:
+    """``torch.optim.Adam``'s update of the flat tensors by the gradient ``grad`` (AdamW's with
+    ``decoupled_weight_decay``), out of place: the new ``[param, *moments]`` and counts.
+
+    With ``t = step + 1``: ``g = -grad`` if ``maximize``; then ``p <- p (1 - lr wd)`` if the
+    decay is decoupled, else ``g <- g + wd p``; ``m <- m + (1 - beta1)(g - m)``,
+    ``v <- beta2 v + (1 - beta2) g^2`` (with amsgrad ``v_max <- max(v_max, v)``, which takes
+    ``v``'s place below) and ``p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t)
+    + eps)``: torch's update to rounding.
+
+    Written out rather than ``torch.optim.adam.adam`` traced into a graph: inductor inlines
+    its 0-d bias corrections ``beta ** t`` into the loop over the ``N`` values, two ``pow``
+    per vector of 8 (475 against 105 us for 136,208 values on 2 CPU threads). Here they are
+    reductions over the ``(P,)`` equal counts, so a compiled graph computes them once.
+    """
+    param, exp_avg, exp_avg_sq = flat.param, flat.moments[0], flat.moments[1]
+    # the counts in the weights' dtype (exact: integers), so that the bias corrections
+    # 1 - beta^t are as precise as the weights
+    count = flat.step.to(param.dtype) + 1
+    step_size = (lr / (1 - beta1 ** count)).amax()
+    correction2_sqrt = (1 - beta2 ** count).sqrt().amax()
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * (grad * grad)
+    moments = [exp_avg, exp_avg_sq]
+    if amsgrad:
+        moments.append(torch.maximum(flat.moments[2], exp_avg_sq))
+    denom = moments[-1].sqrt() / correction2_sqrt + eps
+    return [param - step_size * (exp_avg / denom), *moments], count
+
+
 class FlatAdamState:
     """``params`` and their state in ``optimizer.state`` (``torch.optim.Adam``'s layout) moved
     into flat tensors and replaced by views of them.

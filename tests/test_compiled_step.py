@@ -83,6 +83,23 @@ def test_step_is_torchs_adamw_with_amsgrad_and_clipping_in_float64():
             assert torch.equal(value, state[index][key]), (index, key)
 
 
+def test_step_is_torchs_adam_with_maximize_and_coupled_weight_decay_in_float64():
+    """The update's other branches: a negated gradient and L2 decay added to the gradient."""
+    compiled_flow, eager_flow = perturbed_realnvp(torch.float64), perturbed_realnvp(torch.float64)
+    hyper = dict(lr=3e-3, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.2, maximize=True)
+    compiled_opt = torch.optim.Adam(compiled_flow.parameters(), **hyper)
+    eager_opt = torch.optim.Adam(eager_flow.parameters(), **hyper)
+    step = CompiledAdamStep(compiled_flow, compiled_opt)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x = torch.randn(32, 2, generator=generator, dtype=torch.float64)
+        torch.testing.assert_close(step(x).loss, reference_step(eager_flow, eager_opt, x)[0],
+                                   rtol=1e-12, atol=0)
+    assert not step._compiled.failed
+    for got, want in zip(compiled_flow.parameters(), eager_flow.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_unsupported_flows_and_optimizers_are_refused_with_the_reason():
     flow = RealNVP(2, num_layers=2, hidden_features=8)
     with pytest.raises(ValueError, match="runs Adam or AdamW, got SGD"):
