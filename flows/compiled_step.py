@@ -57,10 +57,11 @@ class CompiledAdamStep:
     (||g|| + 1e-6)`` when ``||g|| > max_grad_norm``), then applies torch's Adam update
     (``flat_adam_state.adam_update``: torch's formula, its bias corrections computed once;
     the optimizer's hyper-parameters read at every call, so a learning-rate schedule applies)
-    to the weights and to ``optimizer.state`` (``step``, ``exp_avg``, ``exp_avg_sq``; the
-    layout ``torch.optim.Adam`` itself keeps, so a checkpoint resumes with either step).
-    The update is committed only if the loss and the norm are finite: after a non-finite
-    step the weights and the optimizer state are as they were.
+    to the weights and to ``optimizer.state`` (``step``, ``exp_avg``, ``exp_avg_sq`` and
+    with amsgrad ``max_exp_avg_sq``; the layout ``torch.optim.Adam`` itself keeps, so a
+    checkpoint resumes with either step). The update is committed only if the loss and the
+    norm are finite: after a non-finite step the weights and the optimizer state are as they
+    were.
     ActNorm layers not yet initialised are initialised first, by one eager forward pass
     without gradients on the batch (what the first forward of an eager step does); the graph
     then sees plain parameters (a first batch with NaNs initialises them with NaNs, as the
@@ -81,8 +82,9 @@ class CompiledAdamStep:
             ActNorm is initialised (no BatchNorm or spectral normalisation:
             ``unsupported_layer``).
         optimizer: a ``torch.optim.Adam`` (or ``AdamW``) with one parameter group holding
-            exactly the flow's trainable parameters; ``fused``, ``foreach`` and
-            ``capturable`` are ignored (the update is compiled with the rest).
+            exactly the flow's trainable float32 or float64 parameters; ``fused``,
+            ``foreach``, ``capturable`` and ``differentiable`` are ignored (the update is
+            compiled with the rest, and no gradient flows through it).
         max_grad_norm: the clipping threshold, ``None`` for no clipping.
 
     Compiling takes seconds to a minute on a first call (inductor caches the code on disk for
@@ -178,6 +180,11 @@ def check_supported(flow: NormalizingFlow, optimizer: torch.optim.Optimizer) -> 
                          f"the flow's {len(trainable)} trainable parameters, got "
                          f"{[len(g['params']) for g in groups]} parameters in "
                          f"{len(groups)} group(s){fix}")
+    dtypes = sorted({str(p.dtype) for p in trainable} - {"torch.float32", "torch.float64"})
+    if dtypes:
+        raise ValueError(f"the compiled step trains float32 or float64 weights (Adam's step "
+                         f"count and bias corrections would round in lower precision), got "
+                         f"{', '.join(dtypes)}{fix}")
     transform = {id(p) for p in flow.transform.parameters()}
     if any(id(p) not in transform for p in trainable):
         raise ValueError(f"the compiled step trains the transform's parameters; this flow's "

@@ -49,11 +49,12 @@ def adam_update(flat: FlatTensors, grad: Tensor, lr: Tensor, *, beta1: float, be
     reductions over the ``(P,)`` equal counts, so a compiled graph computes them once.
     """
     param, exp_avg, exp_avg_sq = flat.param, flat.moments[0], flat.moments[1]
-    # the counts in the weights' dtype (exact: integers), so that the bias corrections
-    # 1 - beta^t are as precise as the weights
-    count = flat.step.to(param.dtype) + 1
-    step_size = (lr / (1 - beta1 ** count)).amax()
-    correction2_sqrt = (1 - beta2 ** count).sqrt().amax()
+    # the bias corrections in float64, as torch's Python-float ones: 1 - beta2^t in float32
+    # is off by ~1e-5 relative (beta2 = 0.999 rounded, then the difference); MPS has no float64
+    exact = torch.float32 if param.device.type == "mps" else torch.float64
+    count = flat.step.to(exact) + 1
+    step_size = (lr.to(exact) / (1 - beta1 ** count)).amax().to(param.dtype)
+    correction2_sqrt = (1 - beta2 ** count).sqrt().amax().to(param.dtype)
     if maximize:
         grad = -grad
     if weight_decay != 0:
@@ -81,7 +82,7 @@ class FlatAdamState:
     one tensor per parameter, and an update written into the flat tensors is an update of
     every parameter: a compiled step then reads and writes 4 tensors instead of ``4 P`` (fewer
     inputs to guard and to pass to its kernels; 5 instead of ``5 P`` with amsgrad). The counts
-    are checked to be equal when moved in; afterwards the update writes ``step[0] + 1`` to all.
+    are checked to be equal when moved in; afterwards the update writes ``step + 1``.
     As torch documents for views, ``torch.save`` of one parameter or one state entry alone
     writes the whole flat storage (``.clone()`` it first); a whole ``state_dict`` writes each
     flat storage once.

@@ -95,9 +95,13 @@ def test_step_is_torchs_adam_with_maximize_and_coupled_weight_decay_in_float64()
         x = torch.randn(32, 2, generator=generator, dtype=torch.float64)
         torch.testing.assert_close(step(x).loss, reference_step(eager_flow, eager_opt, x)[0],
                                    rtol=1e-12, atol=0)
-    assert not step._compiled.failed
+    assert step._compiled.compiled is not None and not step._compiled.failed  # no fallback
     for got, want in zip(compiled_flow.parameters(), eager_flow.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got_state = compiled_opt.state_dict()["state"]
+    for index, want in eager_opt.state_dict()["state"].items():
+        for key, value in want.items():
+            torch.testing.assert_close(got_state[index][key], value, rtol=1e-10, atol=1e-14)
 
 
 def test_unsupported_flows_and_optimizers_are_refused_with_the_reason():
@@ -114,6 +118,9 @@ def test_unsupported_flows_and_optimizers_are_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"transform.bijections.0 \(ResidualBlock\) updates the "
                                          r"power-iteration vectors of its spectral"):
         CompiledAdamStep(iresnet, torch.optim.Adam(iresnet.parameters()))
+    half = RealNVP(2, num_layers=2, hidden_features=8).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or float64 weights .* got torch.bfloat16"):
+        CompiledAdamStep(half, torch.optim.Adam(half.parameters()))
     with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
         CompiledAdamStep(flow, torch.optim.Adam(flow.parameters()), max_grad_norm=0.0)
 
