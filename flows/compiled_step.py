@@ -73,7 +73,7 @@ class CompiledAdamStep:
 
     One graph instead of the forward graph, autograd's backward, gradient accumulation and a
     fused-Adam call: Real NVP 2-D (8 couplings 1-128-128-2, batch 512, 2 CPU threads) steps in
-    0.71-0.91 of the time of the compiled transform with a fused Adam step, the Glow (2 x 8
+    0.69-0.91 of the time of the compiled transform with a fused Adam step, the Glow (2 x 8
     steps, 64 channels, batch 64) in 0.69 of the eager step's time at 1x8x8 and 0.88 at
     1x28x28 (README).
 
