@@ -104,6 +104,21 @@ def test_step_is_torchs_adam_with_maximize_and_coupled_weight_decay_in_float64()
             torch.testing.assert_close(got_state[index][key], value, rtol=1e-10, atol=1e-14)
 
 
+def test_float32_step_with_a_tensor_learning_rate_is_torchs_adam_to_float32_rounding():
+    compiled_flow, eager_flow = perturbed_realnvp(torch.float32), perturbed_realnvp(torch.float32)
+    compiled_opt = torch.optim.Adam(compiled_flow.parameters(), lr=torch.tensor(3e-3))
+    eager_opt = torch.optim.Adam(eager_flow.parameters(), lr=3e-3)
+    step = CompiledAdamStep(compiled_flow, compiled_opt)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        x = torch.randn(64, 2, generator=generator)
+        torch.testing.assert_close(step(x).loss, reference_step(eager_flow, eager_opt, x)[0],
+                                   rtol=1e-5, atol=0)
+    assert step._compiled.compiled is not None and not step._compiled.failed
+    for got, want in zip(compiled_flow.parameters(), eager_flow.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_flows_and_optimizers_are_refused_with_the_reason():
     flow = RealNVP(2, num_layers=2, hidden_features=8)
     with pytest.raises(ValueError, match="runs Adam or AdamW, got SGD"):
