@@ -19,7 +19,10 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
 - ``steps``: forward + backward + ``optimizer.step()`` (and normflows' Lipschitz upkeep),
   every model of a case interleaved in rounds with 2 torch threads; the median over rounds
   of the mean step time, and the ratio to the fastest flows variant taken round by round
-  (its median and quartiles over rounds: the machine's drift moves a ratio less than a time).
+  (its median and quartiles over rounds: the machine's drift moves a ratio less than a time);
+  and the minor page faults per step (the process's, over each timed block; Unix), where
+  glibc has returned freed memory to the system and a step touches it again: how many depends
+  on the process's allocation history, not only on the library.
 - ``memory``: peak resident memory added by 5 training steps after 2 warm-up steps, each
   model alone in a fresh process (the peak RSS over the steps minus the RSS before them,
   Linux, with glibc returning freed tensors to the system); and the same for the i-ResNet
@@ -164,22 +167,35 @@ def cuda_peak_mib(step: Callable[[torch.Tensor], None], x: torch.Tensor) -> floa
     return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
 
 
+def minor_faults() -> int | None:
+    """The process's minor page faults so far (all threads), ``None`` without ``resource``."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_steps(case: str, rounds: int, steps: int, device: torch.device) -> list[dict]:
-    """Median over rounds of the mean ms per step; every model runs once in each round."""
+    """Median over rounds of the mean ms (and minor page faults) per step; every model runs
+    once in each round."""
     candidates, x = build_on(case, device)
     steppers = {name: trainer(c, CASES[case][2]) for name, c in candidates.items()}
     for step in steppers.values():  # warm-up, compilation, data-dependent initialisation
         for _ in range(3):
             step(x)
     times: dict[str, list[float]] = {name: [] for name in steppers}
+    faults: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(rounds):
         for name, step in steppers.items():
             synchronize(device)
-            start = time.perf_counter()
+            before, start = minor_faults(), time.perf_counter()
             for _ in range(steps):
                 step(x)
             synchronize(device)
             times[name].append(1000 * (time.perf_counter() - start) / steps)
+            if before is not None:
+                faults[name].append((minor_faults() - before) / steps)
     ms = {name: float(np.median(t)) for name, t in times.items()}
     fastest = min((k for k in ms if k.startswith("flows")), key=ms.get)
     rows = []
@@ -187,6 +203,8 @@ def time_steps(case: str, rounds: int, steps: int, device: torch.device) -> list
         low, median, high = paired_ratio_percentiles(times[name], times[fastest])
         rows.append({"library": name, "ms_per_step": ms[name], "ratio_to_flows": median,
                      "ratio_quartiles": [low, high], "ms_rounds": times[name],
+                     "minor_faults_per_step": (float(np.median(faults[name]))
+                                               if faults[name] else None),
                      "note": candidates[name].note})
     if device.type == "cuda":
         for row in rows:
@@ -456,15 +474,18 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     for case, rows in report.get("steps", {}).items():
         lines += [f"## Step time: {case}", "", *machine_line(report, f"steps/{case}"),
                   "| library | ms/step | ratio to flows (per-round median, quartiles) | "
-                  "peak memory added (MiB) | note |", "|---|---|---|---|---|"]
+                  "peak memory added (MiB) | minor page faults/step | note |",
+                  "|---|---|---|---|---|---|"]
         memory = report.get("memory", {}).get(case, {})
         for r in rows:
             mib = memory.get(r["library"], r.get("cuda_peak_mib"))
             mib = "" if mib is None else f"{mib:.0f}"
             spread = r.get("ratio_quartiles")
             spread = f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else ""
+            faults = r.get("minor_faults_per_step")  # absent from runs before it was measured
+            faults = "" if faults is None else f"{faults:,.0f}"
             lines.append(f"| {r['library']} | {r['ms_per_step']:.1f} | "
-                         f"{r['ratio_to_flows']:.2f}{spread} | {mib} | {r['note']} |")
+                         f"{r['ratio_to_flows']:.2f}{spread} | {mib} | {faults} | {r['note']} |")
         lines.append("")
     sweep = report.get("memory", {}).get("i-ResNet 2-D series terms")
     if sweep:
