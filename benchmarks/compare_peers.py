@@ -32,7 +32,10 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
   of flows' toy sets; a run adds or replaces its own sets' cells), mean over seeds; exact
   log-dets for every i-ResNet evaluated. The budget includes ``torch.compile``'s
   compilation, paid afresh by every run. ``budget-decay``: the same with the learning rate
-  decayed linearly to 0 over the budget's wall-clock time.
+  decayed linearly to 0 over the budget's wall-clock time. ``budget-ema``: the constant rate,
+  evaluated at an exponential moving average of the weights (``--ema-decay``, updated after
+  every step inside the budget), every library alike, as ``python -m flows.train
+  ema_decay=...`` trains. ``--models``: only these candidates (the others' cells stay).
 - ``sampling``: samples per second at temperature 1 (batches of 10,000 for 2-D, 64 for
   images; a case's models interleaved, median of 5 rounds) after ``--sampling-train-s``
   seconds of training; for residual flows the
@@ -66,12 +69,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from peer_models import Candidate, image_candidates, iresnet_candidates, realnvp_candidates
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from flows.data.toy import TOY_DATASETS
 from flows.runs import use_tf32
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("steps", "memory", "budget", "budget-decay", "sampling")
+SECTIONS = ("steps", "memory", "budget", "budget-decay", "budget-ema", "sampling")
 TOY_SETS = ("moons", "8gaussians", "checkerboard")
 SERIES_SWEEP = "memory/i-ResNet 2-D series terms"  # its machine stamp's key
 
@@ -287,7 +291,8 @@ def test_nll(candidate: Candidate, test: torch.Tensor) -> float:
 
 
 def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: list[str],
-                   decay: bool, models: list[str] | None = None) -> dict:
+                   decay: bool, models: list[str] | None = None,
+                   ema_decay: float | None = None) -> dict:
     """Test NLL after ``budget_s`` seconds of training, per data set, model and seed.
 
     Adam at lr 1e-3 throughout, or with ``decay`` from 1e-3 linearly to 0 in wall-clock time,
@@ -295,6 +300,9 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
     training recommends (Li, Yumer & Ramanan, ICLR 2020), under which the last iterate is
     not one noisy draw around a constant-lr optimum, so more steps in the budget can count.
     ``models``: the candidates' names to train (default: all but flows' eager i-ResNet).
+    With ``ema_decay`` the test NLL is that of ``theta_ema <- d theta_ema + (1 - d) theta``,
+    updated after every step from the first (torch's ``get_ema_multi_avg_fn``, the update
+    of ``flows.lit.callbacks.EMAWeights``), its cost inside the budget.
     """
     builders = {"Real NVP 2-D": realnvp_candidates,
                 "i-ResNet 2-D": lambda: iresnet_candidates(series=False)}
@@ -311,11 +319,17 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
                     torch._dynamo.reset()  # a compiled model pays its compilation every run
                     generator = torch.Generator().manual_seed(seed)
                     step, steps = trainer(candidate, 1e-3), 0
+                    average: list[torch.Tensor] = []
                     start = time.perf_counter()
                     while (elapsed := time.perf_counter() - start) < budget_s:
                         lr = 1e-3 * (1 - elapsed / budget_s) if decay else None
                         step(train[torch.randint(len(train), (512,), generator=generator)], lr)
                         steps += 1
+                        if ema_decay is not None:
+                            average = update_average(average, candidate.model, ema_decay)
+                    if average:
+                        with torch.no_grad():
+                            torch._foreach_copy_(float_weights(candidate.model), average)
                     nll = test_nll(candidate, test)
                     row = report.setdefault(case, {}).setdefault(name, {}).setdefault(
                         data_name, {"nll": [], "steps": []})
@@ -323,6 +337,22 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
                     row["steps"].append(steps)
                     print(data_name, seed, case, name, steps, round(nll, 4), flush=True)
     return report
+
+
+def float_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The floating-point parameters (FrEIA keeps its permutations as int64 parameters)."""
+    return [p for p in model.parameters() if p.is_floating_point()]
+
+
+@torch.no_grad()
+def update_average(average: list[torch.Tensor], model: torch.nn.Module,
+                   decay: float) -> list[torch.Tensor]:
+    """The weights' exponential moving average after one more step: a copy at the first."""
+    weights = float_weights(model)  # after the first step: a compiled step's flat views
+    if not average:
+        return [w.detach().clone() for w in weights]
+    get_ema_multi_avg_fn(decay)(average, weights, None)
+    return average
 
 
 @torch.no_grad()
@@ -498,7 +528,10 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
                   for g, row in sweep.items()]
         lines.append("")
     schedules = {"budget": "Adam lr 1e-3",
-                 "budget-decay": "Adam lr 1e-3 decayed linearly to 0 in wall-clock time"}
+                 "budget-decay": "Adam lr 1e-3 decayed linearly to 0 in wall-clock time",
+                 "budget-ema": "Adam lr 1e-3, evaluated at the weights' exponential moving "
+                               f"average (decay {report.get('budget-ema', {}).get('ema_decay')}, "
+                               f"every library alike)"}
     for key, schedule in schedules.items():
         budget = report.get(key)
         if not budget:
@@ -546,6 +579,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sets", nargs="+", choices=TOY_DATASETS, default=list(TOY_SETS),
                         help="budget sections: the toy sets to train on (the others' cells stay)")
+    parser.add_argument("--models", nargs="+",
+                        help="budget sections: only these candidates (the others' cells stay)")
+    parser.add_argument("--ema-decay", type=float, default=0.999,
+                        help="budget-ema: the moving average's decay per step")
     parser.add_argument("--sampling-train-s", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
@@ -579,14 +616,17 @@ def main() -> None:
             report["memory"] = report.get("memory", {}) | memory_section(args.cases)
         elif section.startswith("budget"):
             before = report.get(section, {})
-            comparable = (before.get("seeds"), before.get("budget_s")) == (args.seeds,
-                                                                           args.budget_s)
+            ema_decay = args.ema_decay if section == "budget-ema" else None
+            protocol = {"budget_s": args.budget_s, "seeds": args.seeds,
+                        **({"ema_decay": ema_decay} if ema_decay else {})}
+            comparable = all(before.get(k) == v for k, v in protocol.items())
             nll = before.get("nll", {}) if comparable else {}  # other cells stay
             for case, models in budget_section(args.budget_s, args.seeds, args.cases,
-                                               args.sets, section == "budget-decay").items():
+                                               args.sets, section == "budget-decay",
+                                               args.models, ema_decay).items():
                 for name, sets in models.items():
                     nll.setdefault(case, {}).setdefault(name, {}).update(sets)
-            report[section] = {"budget_s": args.budget_s, "seeds": args.seeds, "nll": nll}
+            report[section] = {**protocol, "nll": nll}
         else:
             report["sampling"] = {"train_s": args.sampling_train_s,
                                   "rates": sampling_section(args.sampling_train_s,

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
 from hydra.utils import get_object
@@ -226,7 +227,13 @@ class RecordNewRunFolders(Callback):
     creates them, so ``remove_created_run_folder`` knows which folders are this command's."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        record_new_folders(Path(config.hydra.run.dir))
+        # run.dir reads ${hydra:runtime.choices...}, which Hydra sets up only after this hook
+        HydraConfig.instance().set_config(config)
+        try:
+            run_dir = config.hydra.run.dir
+        except OmegaConfBaseException:
+            return  # a refused folder: Hydra resolves it again next and reports why
+        record_new_folders(Path(run_dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         record_new_folders(Path(config.hydra.sweep.dir))

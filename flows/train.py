@@ -26,6 +26,7 @@ from flows.cli import (
     write_json,
 )
 from flows.data.entropy import TOY_ENTROPY
+from flows.lit.callbacks import EMAWeights
 from flows.lit.module import DensityModule, NonFiniteError
 from flows.metrics import bits_per_dim
 from flows.runs import device_name, read_checkpoint, use_tf32
@@ -77,6 +78,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
                            num_levels=getattr(datamodule, "num_levels", None),
                            compile_step=cfg.compile_step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if cfg.ema_decay is not None:
+        callbacks.append(EMAWeights(cfg.ema_decay))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.on_nonfinite == "skip" and trainer.world_size > 1:
@@ -102,6 +105,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
         "model": choices.get("model"),
         "data": choices.get("data"),
         "seed": cfg.seed,
+        "ema_decay": cfg.ema_decay,
         "num_params": sum(p.numel() for p in module.flow.parameters()),
         "device": device_name(trainer.strategy.root_device),
     }

@@ -1,4 +1,5 @@
-"""Callbacks: plots of 2-D flows and image grids, health checks, the last checkpoint."""
+"""Callbacks: plots of 2-D flows and image grids, health checks, the last checkpoint,
+averaged weights."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from pathlib import Path
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from matplotlib.figure import Figure
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from flows.bijections.residual import ResidualBlock
 from flows.diagnostics import reconstruction_error, residual_lipschitz_bounds, saturated_scales
+from flows.nn.lipschitz import mark_weights_replaced
 from flows.plots import (
     density_grid,
     image_grid,
@@ -250,6 +254,76 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps,
                          save_top_k=0, save_last=True, enable_version_counter=False)
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, module)  # the average swapped in
+        mark_weights_replaced(module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, module)  # the trained weights back
+        mark_weights_replaced(module)
+
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.global_step != self._last_global_step_saved:
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
+
+
+class EMAWeights(WeightAveraging):
+    """Evaluate, sample and checkpoint an exponential moving average of the weights.
+
+    After every optimizer step ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` (the
+    first step copies ``theta``), through Lightning's ``WeightAveraging`` and torch's
+    ``AveragedModel`` (one ``foreach`` lerp). The average spans about ``1 / (1 - decay)``
+    steps: at a constant learning rate the last iterate is one noisy draw around the optimum,
+    the average is not (Polyak averaging, as Glow; Residual Flows evaluates EMA weights).
+
+    Validation, the test after ``fit`` and every checkpoint's ``state_dict`` use the averaged
+    weights, so ``flows.evaluate`` and ``flows.sample`` read them from any checkpoint; the
+    trained weights go to the checkpoint's ``current_model_state``, which a resumed fit
+    continues from. Buffers (ActNorm's initialised flag, spectral normalisation's ``u, v``)
+    are not averaged: they follow the trained model, and an i-ResNet's power iteration
+    converges afresh for the averaged weights at its first evaluation.
+
+    Args:
+        decay: the weight of the old average per step, in (0, 1).
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1:
+            raise ValueError(f"ema_decay={decay!r}: give a number in (0, 1), e.g. 0.999 (an "
+                             f"average over about 1,000 steps), or null for no averaging")
+        super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(float(decay)))
+        self.decay = float(decay)
+        self._trained_state: dict[str, torch.Tensor] | None = None
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._trained_state = None
+        super().setup(trainer, module, stage)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, module)  # the average swapped in
+        mark_weights_replaced(module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, module)  # the trained weights back
+        mark_weights_replaced(module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Lightning copies the average into the model here; the checkpoints written after it
+        # (last.ckpt at the end) must still resume from the trained weights.
+        self._trained_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        super().on_train_end(trainer, module)
+        mark_weights_replaced(module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule,
+                           checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, module, checkpoint)
+        if self._trained_state is not None:
+            checkpoint["current_model_state"] = self._trained_state
+
+    def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule,
+                           checkpoint: dict) -> None:
+        # Lightning would load the trained weights for testing too: only a fit resumes them,
+        # evaluation keeps the checkpoint's state_dict, the average.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, module, checkpoint)
