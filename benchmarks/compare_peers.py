@@ -327,12 +327,14 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
                         steps += 1
                         if ema_decay is not None:
                             average = update_average(average, candidate.model, ema_decay)
-                    if average:
+                    row = report.setdefault(case, {}).setdefault(name, {}).setdefault(
+                        data_name, {"nll": [], "steps": []})
+                    if average:  # the same run's last iterate too, for the paired comparison
+                        row.setdefault("last_iterate_nll", []).append(
+                            test_nll(candidate, test))
                         with torch.no_grad():
                             torch._foreach_copy_(float_weights(candidate.model), average)
                     nll = test_nll(candidate, test)
-                    row = report.setdefault(case, {}).setdefault(name, {}).setdefault(
-                        data_name, {"nll": [], "steps": []})
                     row["nll"].append(nll)
                     row["steps"].append(steps)
                     print(data_name, seed, case, name, steps, round(nll, 4), flush=True)
