@@ -69,9 +69,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from peer_models import Candidate, image_candidates, iresnet_candidates, realnvp_candidates
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from flows.data.toy import TOY_DATASETS
+from flows.lit.callbacks import warmed_up_decay
 from flows.runs import use_tf32
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -300,9 +300,9 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
     training recommends (Li, Yumer & Ramanan, ICLR 2020), under which the last iterate is
     not one noisy draw around a constant-lr optimum, so more steps in the budget can count.
     ``models``: the candidates' names to train (default: all but flows' eager i-ResNet).
-    With ``ema_decay`` the test NLL is that of ``theta_ema <- d theta_ema + (1 - d) theta``,
-    updated after every step from the first (torch's ``get_ema_multi_avg_fn``, the update
-    of ``flows.lit.callbacks.EMAWeights``), its cost inside the budget.
+    With ``ema_decay`` the test NLL is that of ``theta_ema <- d_n theta_ema + (1 - d_n)
+    theta``, updated after every step from the first with ``flows.lit.callbacks.EMAWeights``'
+    warmed-up decay ``d_n``, its cost inside the budget.
     """
     builders = {"Real NVP 2-D": realnvp_candidates,
                 "i-ResNet 2-D": lambda: iresnet_candidates(series=False)}
@@ -326,7 +326,8 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
                         step(train[torch.randint(len(train), (512,), generator=generator)], lr)
                         steps += 1
                         if ema_decay is not None:
-                            average = update_average(average, candidate.model, ema_decay)
+                            average = update_average(average, candidate.model, ema_decay,
+                                                     steps - 1)
                     row = report.setdefault(case, {}).setdefault(name, {}).setdefault(
                         data_name, {"nll": [], "steps": []})
                     if average:  # the same run's last iterate too, for the paired comparison
@@ -347,13 +348,14 @@ def float_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def update_average(average: list[torch.Tensor], model: torch.nn.Module,
-                   decay: float) -> list[torch.Tensor]:
-    """The weights' exponential moving average after one more step: a copy at the first."""
+def update_average(average: list[torch.Tensor], model: torch.nn.Module, decay: float,
+                   num_averaged: int) -> list[torch.Tensor]:
+    """The weights' exponential moving average after one more step, ``num_averaged`` steps
+    averaged before it (``EMAWeights``' update, warm-up included): a copy at the first."""
     weights = float_weights(model)  # after the first step: a compiled step's flat views
     if not average:
         return [w.detach().clone() for w in weights]
-    get_ema_multi_avg_fn(decay)(average, weights, None)
+    torch._foreach_lerp_(average, weights, 1 - warmed_up_decay(decay, num_averaged))
     return average
 
 

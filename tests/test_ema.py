@@ -5,7 +5,7 @@ import lightning as L
 import pytest
 import torch
 
-from flows.lit.callbacks import EMAWeights, LastCheckpoint
+from flows.lit.callbacks import EMAWeights, LastCheckpoint, warmed_up_decay
 from flows.lit.module import DensityModule
 from flows.models.iresnet import IResNet
 from flows.nn.lipschitz import _spectral_parametrizations
@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 from tests.test_compiled_step import perturbed_realnvp
 from tests.test_module import small_toy, trainer
 
-DECAY = 0.8
+DECAY = 0.3  # the warm-up's (1 + n) / (10 + n) for n = 1, 2, the decay from n = 3 on
 
 
 class RecordWeights(L.Callback):
@@ -27,12 +27,12 @@ class RecordWeights(L.Callback):
 
 
 def fit(tmp_path, max_steps: int, compile_step: bool = False, ckpt_path=None,
-        callbacks=()) -> tuple[DensityModule, L.Trainer]:
+        callbacks=(), decay: float = DECAY) -> tuple[DensityModule, L.Trainer]:
     module = DensityModule(perturbed_realnvp(torch.float64),
                            lambda p: torch.optim.Adam(p, lr=1e-2), compile_step=compile_step)
     run = trainer(tmp_path, max_steps=max_steps, precision="64-true", num_sanity_val_steps=0,
                   limit_val_batches=0,
-                  callbacks=[*callbacks, EMAWeights(DECAY),
+                  callbacks=[*callbacks, EMAWeights(decay),
                              LastCheckpoint(str(tmp_path / "ckpt"), every_n_train_steps=1000)])
     run.fit(module, small_toy(), ckpt_path=ckpt_path)
     return module, run
@@ -46,8 +46,10 @@ def test_checkpoint_and_model_hold_the_recursive_average_and_the_trained_weights
     module, _ = fit(tmp_path, 12, compile_step, callbacks=[recorder])
     assert len(recorder.steps) == 12
     expected = recorder.steps[0]  # the first step copies
-    for weights in recorder.steps[1:]:
-        expected = [DECAY * e + (1 - DECAY) * w for e, w in zip(expected, weights, strict=True)]
+    decays = [warmed_up_decay(DECAY, n) for n in range(1, 12)]
+    assert decays[:3] == [2 / 11, 3 / 12, DECAY]
+    for d, weights in zip(decays, recorder.steps[1:], strict=True):
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights, strict=True)]
     trained = recorder.steps[-1]
     assert max((e - t).abs().max() for e, t in zip(expected, trained, strict=True)) > 1e-3
 
@@ -62,10 +64,12 @@ def test_checkpoint_and_model_hold_the_recursive_average_and_the_trained_weights
 
 
 def test_resume_continues_the_trained_weights_and_the_average_bitwise(tmp_path):
-    # 2048 / 256 = 8 steps an epoch: stop at an epoch's end, resume from last.ckpt
-    fit(tmp_path / "straight", 16)
-    fit(tmp_path / "first", 8)
-    fit(tmp_path / "first", 16, ckpt_path=str(tmp_path / "first" / "ckpt" / "last.ckpt"))
+    # 2048 / 256 = 8 steps an epoch: stop at an epoch's end, resume from last.ckpt; at 0.9
+    # the warm-up's (1 + n) / (10 + n) sets the decay throughout, so the count must resume
+    fit(tmp_path / "straight", 16, decay=0.9)
+    fit(tmp_path / "first", 8, decay=0.9)
+    fit(tmp_path / "first", 16, ckpt_path=str(tmp_path / "first" / "ckpt" / "last.ckpt"),
+        decay=0.9)
     want = torch.load(tmp_path / "straight" / "ckpt" / "last.ckpt", weights_only=True)
     got = torch.load(tmp_path / "first" / "ckpt" / "last.ckpt", weights_only=True)
     assert got["global_step"] == want["global_step"] == 16

@@ -13,7 +13,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from matplotlib.figure import Figure
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from flows.bijections.residual import ResidualBlock
 from flows.diagnostics import reconstruction_error, residual_lipschitz_bounds, saturated_scales
@@ -267,14 +266,25 @@ class LastCheckpoint(ModelCheckpoint):
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
 
 
+def warmed_up_decay(decay: float, num_averaged: int) -> float:
+    """The decay of the average's update after ``n = num_averaged`` earlier ones:
+    ``min(decay, (1 + n) / (10 + n))`` (TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``). Without the warm-up the first weights keep ``decay^t`` of the average
+    after ``t`` steps: 0.37 after 1,000 steps at 0.999, 0.03 after 3,500."""
+    return min(decay, (1 + num_averaged) / (10 + num_averaged))
+
+
 class EMAWeights(WeightAveraging):
     """Evaluate, sample and checkpoint an exponential moving average of the weights.
 
-    After every optimizer step ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` (the
-    first step copies ``theta``), through Lightning's ``WeightAveraging`` and torch's
-    ``AveragedModel`` (one ``foreach`` lerp). The average spans about ``1 / (1 - decay)``
-    steps: at a constant learning rate the last iterate is one noisy draw around the optimum,
-    the average is not (Polyak averaging, as Glow; Residual Flows evaluates EMA weights).
+    After every optimizer step ``theta_ema <- d_n theta_ema + (1 - d_n) theta`` with
+    ``d_n = warmed_up_decay(decay, n)`` after ``n`` earlier updates (the first step copies
+    ``theta``), through Lightning's ``WeightAveraging`` and torch's ``AveragedModel`` (one
+    ``foreach`` lerp; ``n`` is counted on the host, no device read). The average spans about
+    ``1 / (1 - decay)`` steps once ``n > (10 decay - 1) / (1 - decay)``, and early on the
+    last ``n / 10`` or so: at a constant learning rate the last iterate is one noisy draw
+    around the optimum, the average is not (Polyak averaging, as Glow; Residual Flows
+    evaluates EMA weights).
 
     Validation, the test after ``fit`` and every checkpoint's ``state_dict`` use the averaged
     weights, so ``flows.evaluate`` and ``flows.sample`` read them from any checkpoint; the
@@ -291,13 +301,24 @@ class EMAWeights(WeightAveraging):
         if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1:
             raise ValueError(f"ema_decay={decay!r}: give a number in (0, 1), e.g. 0.999 (an "
                              f"average over about 1,000 steps), or null for no averaging")
-        super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(float(decay)))
+        super().__init__(use_buffers=False, multi_avg_fn=self._average_step)
         self.decay = float(decay)
+        self._num_averaged = 1  # when torch first calls _average_step: the first step's copy
         self._trained_state: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def _average_step(self, averaged: list[torch.Tensor], current: list[torch.Tensor],
+                      num_averaged: torch.Tensor) -> None:
+        """torch's ``multi_avg_fn``, called from the second update on; ``num_averaged`` (on
+        the device) is mirrored by the host count."""
+        decay = warmed_up_decay(self.decay, self._num_averaged)
+        torch._foreach_lerp_(averaged, current, 1 - decay)
+        self._num_averaged += 1
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._trained_state = None
+            self._num_averaged = 1
         super().setup(trainer, module, stage)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -327,3 +348,5 @@ class EMAWeights(WeightAveraging):
         # evaluation keeps the checkpoint's state_dict, the average.
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_load_checkpoint(trainer, module, checkpoint)
+            # one device read per resume; 0 (no averaging state saved): the next step copies
+            self._num_averaged = max(1, int(self._average_model.n_averaged))
