@@ -99,7 +99,7 @@ def test_spectral_norms_are_converged_for_the_averaged_weights(tmp_path):
     torch.manual_seed(0)
     flow = IResNet(2, num_blocks=2, hidden_features=16, lipschitz_coeff=0.9, logdet="exact")
     module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=5e-2))
-    run = trainer(tmp_path, max_steps=16, callbacks=[EMAWeights(DECAY)],
+    run = trainer(tmp_path, max_steps=16, callbacks=[EMAWeights(0.9)],
                   val_check_interval=5, num_sanity_val_steps=0)
     run.fit(module, small_toy())
     flow.eval()

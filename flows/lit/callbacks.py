@@ -253,14 +253,6 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps,
                          save_top_k=0, save_last=True, enable_version_counter=False)
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        super().on_validation_epoch_start(trainer, module)  # the average swapped in
-        mark_weights_replaced(module)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        super().on_validation_epoch_end(trainer, module)  # the trained weights back
-        mark_weights_replaced(module)
-
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.global_step != self._last_global_step_saved:
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
