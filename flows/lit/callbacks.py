@@ -16,7 +16,6 @@ from matplotlib.figure import Figure
 
 from flows.bijections.residual import ResidualBlock
 from flows.diagnostics import reconstruction_error, residual_lipschitz_bounds, saturated_scales
-from flows.nn.lipschitz import mark_weights_replaced
 from flows.plots import (
     density_grid,
     image_grid,
@@ -313,20 +312,11 @@ class EMAWeights(WeightAveraging):
             self._num_averaged = 1
         super().setup(trainer, module, stage)
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        super().on_validation_epoch_start(trainer, module)  # the average swapped in
-        mark_weights_replaced(module)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        super().on_validation_epoch_end(trainer, module)  # the trained weights back
-        mark_weights_replaced(module)
-
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # Lightning copies the average into the model here; the checkpoints written after it
         # (last.ckpt at the end) must still resume from the trained weights.
         self._trained_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         super().on_train_end(trainer, module)
-        mark_weights_replaced(module)
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule,
                            checkpoint: dict) -> None:

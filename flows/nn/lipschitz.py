@@ -290,14 +290,6 @@ def frozen_power_iteration(module: nn.Module) -> Iterator[None]:
             p.frozen = frozen
 
 
-def mark_weights_replaced(module: nn.Module) -> None:
-    """The normalised weights of ``module`` were overwritten in place (not through
-    ``load_state_dict``, which marks them itself): the next eval-mode use converges ``u, v``
-    afresh for them (``SpectralNormalization.converge_``)."""
-    for _, normalization, _ in _spectral_parametrizations(module):
-        normalization.stale = True
-
-
 @torch.no_grad()
 def spectral_norms(module: nn.Module) -> dict[str, Tensor]:
     """The estimated largest singular value ``sigma_hat`` of every raw normalised weight.
