@@ -439,8 +439,9 @@ def budget_cell(runs: dict) -> str:
 
 
 def machine_stamp(threads: int, device: torch.device) -> dict:
-    """The date, the CPU (or GPU) model and its measured float32 matmul rate (2048^3, with
-    ``threads`` on a CPU, at the run's TF32 setting on a GPU)."""
+    """The date, the CPU (or GPU) model, the vector instructions torch's CPU kernels use
+    (``AVX2``, ``AVX512``, ...) and the measured float32 matmul rate (2048^3, with ``threads``
+    on a CPU, at the run's TF32 setting on a GPU)."""
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor() or platform.machine())
@@ -453,7 +454,8 @@ def machine_stamp(threads: int, device: torch.device) -> dict:
         synchronize(device)
         count += 1
     gflops = 2 * 2048**3 * count / (time.perf_counter() - start) / 1e9
-    stamp = {"date": str(date.today()), "cpu": cpu, "threads": threads, "matmul_gflops": gflops}
+    stamp = {"date": str(date.today()), "cpu": cpu, "simd": torch.backends.cpu.get_cpu_capability(),
+             "threads": threads, "matmul_gflops": gflops}
     if device.type == "cuda":
         stamp["gpu"] = torch.cuda.get_device_name(device)
         stamp["tf32"] = torch.backends.cudnn.allow_tf32
@@ -469,7 +471,8 @@ def machine_line(report: dict, key: str) -> list[str]:
         return [f"Measured {stamp['date']} on one {stamp['gpu']} (host {stamp['cpu']}), "
                 f"TF32 {'on' if stamp.get('tf32') else 'off'}, float32 matmul "
                 f"{stamp['matmul_gflops'] / 1000:.1f} TFLOP/s (2048^3).", ""]
-    return [f"Measured {stamp['date']} on {stamp['cpu']}, {stamp['threads']} torch threads, "
+    simd = f" ({stamp['simd']} kernels)" if "simd" in stamp else ""
+    return [f"Measured {stamp['date']} on {stamp['cpu']}{simd}, {stamp['threads']} torch threads, "
             f"float32 matmul {stamp['matmul_gflops']:.0f} GFLOP/s (2048^3).", ""]
 
 
