@@ -125,9 +125,11 @@ PAIRS = {
 }
 
 
-def trainer(candidate: Candidate, lr: float):
+def trainer(candidate: Candidate, lr: float, max_grad_norm: float | None = None):
+    """A training step of ``candidate``: Adam (torch's fused implementation) at ``lr``, the
+    gradient clipped to total norm ``max_grad_norm`` first (``clip_grad_norm_``) if given."""
     optimizer = torch.optim.Adam(candidate.model.parameters(), lr=lr, fused=True)
-    own_step = candidate.make_step(optimizer) if candidate.make_step else None
+    own_step = candidate.make_step(optimizer, max_grad_norm) if candidate.make_step else None
 
     def step(x: torch.Tensor, lr: float | None = None) -> None:
         if lr is not None:
@@ -139,6 +141,8 @@ def trainer(candidate: Candidate, lr: float):
             loss = -candidate.log_prob(x).mean()
             optimizer.zero_grad()
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(candidate.model.parameters(), max_grad_norm)
             optimizer.step()
         candidate.after_step()
     return step
@@ -292,7 +296,8 @@ def test_nll(candidate: Candidate, test: torch.Tensor) -> float:
 
 def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: list[str],
                    decay: bool, models: list[str] | None = None,
-                   ema_decay: float | None = None) -> dict:
+                   ema_decay: float | None = None,
+                   clip_grad_norm: float | None = None) -> dict:
     """Test NLL after ``budget_s`` seconds of training, per data set, model and seed.
 
     Adam at lr 1e-3 throughout, or with ``decay`` from 1e-3 linearly to 0 in wall-clock time,
@@ -302,7 +307,8 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
     ``models``: the candidates' names to train (default: all but flows' eager i-ResNet).
     With ``ema_decay`` the test NLL is that of ``theta_ema <- d_n theta_ema + (1 - d_n)
     theta``, updated after every step from the first with ``flows.lit.callbacks.EMAWeights``'
-    warmed-up decay ``d_n``, its cost inside the budget.
+    warmed-up decay ``d_n``, its cost inside the budget. With ``clip_grad_norm`` every
+    library's gradient is clipped to that total norm before each update.
     """
     builders = {"Real NVP 2-D": realnvp_candidates,
                 "i-ResNet 2-D": lambda: iresnet_candidates(series=False)}
@@ -318,7 +324,7 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
                         continue
                     torch._dynamo.reset()  # a compiled model pays its compilation every run
                     generator = torch.Generator().manual_seed(seed)
-                    step, steps = trainer(candidate, 1e-3), 0
+                    step, steps = trainer(candidate, 1e-3, clip_grad_norm), 0
                     average: list[torch.Tensor] = []
                     start = time.perf_counter()
                     while (elapsed := time.perf_counter() - start) < budget_s:
@@ -454,8 +460,9 @@ def machine_stamp(threads: int, device: torch.device) -> dict:
         synchronize(device)
         count += 1
     gflops = 2 * 2048**3 * count / (time.perf_counter() - start) / 1e9
-    stamp = {"date": str(date.today()), "cpu": cpu, "simd": torch.backends.cpu.get_cpu_capability(),
-             "threads": threads, "matmul_gflops": gflops}
+    stamp = {"date": str(date.today()), "cpu": cpu,
+             "simd": torch.backends.cpu.get_cpu_capability(), "threads": threads,
+             "matmul_gflops": gflops}
     if device.type == "cuda":
         stamp["gpu"] = torch.cuda.get_device_name(device)
         stamp["tf32"] = torch.backends.cudnn.allow_tf32
@@ -502,6 +509,11 @@ def target_table(steps: dict) -> list[str]:
             "|---|---|---|---|---|---|", *lines, ""]
 
 
+def budget_key(section: str, clip_grad_norm: float | None) -> str:
+    """Where a budget section's results are kept: apart for each clipping threshold."""
+    return section if clip_grad_norm is None else f"{section}, clip {clip_grad_norm:g}"
+
+
 def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     lines = [f"# flows against peer libraries ({date.today()})", "",
              f"torch {torch.__version__}; `python benchmarks/compare_peers.py` (sections as "
@@ -537,12 +549,15 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     schedules = {"budget": "Adam lr 1e-3",
                  "budget-decay": "Adam lr 1e-3 decayed linearly to 0 in wall-clock time",
                  "budget-ema": "Adam lr 1e-3, evaluated at the weights' exponential moving "
-                               f"average (decay {report.get('budget-ema', {}).get('ema_decay')}, "
-                               f"every library alike)"}
-    for key, schedule in schedules.items():
-        budget = report.get(key)
-        if not budget:
+                               "average (decay {ema_decay}, every library alike)"}
+    for key, budget in report.items():
+        section = key.split(",")[0]
+        if section not in schedules:
             continue
+        schedule = schedules[section].format(ema_decay=budget.get("ema_decay"))
+        if budget.get("clip_grad_norm"):
+            schedule += (f", every library's gradient clipped to norm "
+                         f"{budget['clip_grad_norm']:g}")
         measured = {d for models in budget["nll"].values() for sets in models.values()
                     for d in sets}
         columns = [d for d in TOY_DATASETS if d in measured]
@@ -588,6 +603,9 @@ def main() -> None:
                         help="budget sections: the toy sets to train on (the others' cells stay)")
     parser.add_argument("--models", nargs="+",
                         help="budget sections: only these candidates (the others' cells stay)")
+    parser.add_argument("--clip-grad-norm", type=float,
+                        help="budget sections: clip every library's gradient to this total "
+                             "norm before each update (results kept apart from unclipped ones)")
     parser.add_argument("--ema-decay", type=float, default=0.999,
                         help="budget-ema: the moving average's decay per step")
     parser.add_argument("--sampling-train-s", type=float, default=20.0)
@@ -622,23 +640,29 @@ def main() -> None:
         elif section == "memory":
             report["memory"] = report.get("memory", {}) | memory_section(args.cases)
         elif section.startswith("budget"):
-            before = report.get(section, {})
+            key = budget_key(section, args.clip_grad_norm)
+            before = report.get(key, {})
             ema_decay = args.ema_decay if section == "budget-ema" else None
             protocol = {"budget_s": args.budget_s, "seeds": args.seeds,
-                        **({"ema_decay": ema_decay} if ema_decay else {})}
+                        **({"ema_decay": ema_decay} if ema_decay else {}),
+                        **({"clip_grad_norm": args.clip_grad_norm} if args.clip_grad_norm
+                           else {})}
             comparable = all(before.get(k) == v for k, v in protocol.items())
             nll = before.get("nll", {}) if comparable else {}  # other cells stay
             for case, models in budget_section(args.budget_s, args.seeds, args.cases,
                                                args.sets, section == "budget-decay",
-                                               args.models, ema_decay).items():
+                                               args.models, ema_decay,
+                                               args.clip_grad_norm).items():
                 for name, sets in models.items():
                     nll.setdefault(case, {}).setdefault(name, {}).update(sets)
-            report[section] = {**protocol, "nll": nll}
+            report[key] = {**protocol, "nll": nll}
         else:
             report["sampling"] = {"train_s": args.sampling_train_s,
                                   "rates": sampling_section(args.sampling_train_s,
                                                             args.device)}
-        keys = ([f"{section}/{case}" for case in args.cases]
+        stored = budget_key(section, args.clip_grad_norm) if section.startswith("budget") \
+            else section
+        keys = ([f"{stored}/{case}" for case in args.cases]
                 if section == "steps" or section.startswith("budget") else [section])
         if section == "memory" and "i-ResNet 2-D" in args.cases:
             keys.append(SERIES_SWEEP)

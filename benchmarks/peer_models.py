@@ -31,9 +31,10 @@ class Candidate:
     after_step: Callable[[], None] = field(default=lambda: None)
     inverse_iterations: Callable[[], int | None] = field(default=lambda: None)
     round_trip: Callable[[Tensor], Tensor] | None = None  # z -> f(f^-1(z)), residual flows
-    # optimizer -> x -> None: a training step the library runs itself (flows' compiled step)
-    # in place of forward, backward and optimizer.step()
-    make_step: Callable[[torch.optim.Optimizer], Callable[[Tensor], object]] | None = None
+    # (optimizer, max_grad_norm) -> x -> None: a training step the library runs itself (flows'
+    # compiled step) in place of forward, backward, gradient clipping and optimizer.step()
+    make_step: Callable[[torch.optim.Optimizer, float | None],
+                        Callable[[Tensor], object]] | None = None
 
 
 def mlp(n_in: int, n_out: int) -> nn.Module:
@@ -77,7 +78,7 @@ def realnvp_candidates() -> dict[str, Candidate]:
     fused = realnvp(False)
     cases["flows compiled step"] = Candidate(
         fused.log_prob, fused, fused.sample, note + "; loss, gradient and Adam in one graph",
-        make_step=lambda optimizer: CompiledAdamStep(fused, optimizer))
+        make_step=lambda optimizer, clip: CompiledAdamStep(fused, optimizer, clip))
 
     import normflows as nf
 
@@ -274,7 +275,7 @@ def image_candidates(data: str) -> dict[str, Candidate]:
     glow = flows_image_model("glow", data)
     cases["flows glow, compiled step"] = Candidate(
         glow.log_prob, glow, glow.sample, "loss, gradient and Adam in one graph",
-        make_step=lambda optimizer: CompiledAdamStep(glow, optimizer))
+        make_step=lambda optimizer, clip: CompiledAdamStep(glow, optimizer, clip))
     shape = (1, 8, 8) if data == "digits" else (1, 28, 28)
     model = normflows_glow(shape)
     cases["normflows Glow 2x8, 64 ch"] = Candidate(
