@@ -36,6 +36,9 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
   evaluated at an exponential moving average of the weights (``--ema-decay``, updated after
   every step inside the budget), every library alike, as ``python -m flows.train
   ema_decay=...`` trains. ``--models``: only these candidates (the others' cells stay).
+  ``--clip-grad-norm C``: every library's gradient clipped to total norm C before each update
+  (``clip_grad_norm_``; flows' compiled step clips inside its graph), kept apart as
+  ``"<section>, clip C"``.
 - ``sampling``: samples per second at temperature 1 (batches of 10,000 for 2-D, 64 for
   images; a case's models interleaved, median of 5 rounds) after ``--sampling-train-s``
   seconds of training; for residual flows the
