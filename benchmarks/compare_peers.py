@@ -472,6 +472,24 @@ def machine_stamp(threads: int, device: torch.device) -> dict:
     return stamp
 
 
+def budget_machine_lines(report: dict, key: str, nll: dict) -> list[str]:
+    """One line per case of a budget section saying when and on what it was measured; where
+    runs of different sets (``--sets``) were measured apart, one line per group of sets.
+    A set's stamp is ``key/case/set``, else ``key/case``, else ``key`` (older reports)."""
+    stamped = report.get("machines", {})
+    lines = []
+    for case, models in nll.items():
+        measured = [d for d in TOY_DATASETS if any(d in sets for sets in models.values())]
+        groups: dict[str, list[str]] = {}
+        for d in measured:
+            stamp_key = next(k for k in (f"{key}/{case}/{d}", f"{key}/{case}", key)
+                             if k in stamped or k == key)
+            groups.setdefault(machine_line(report, stamp_key)[0], []).append(d)
+        lines += [f"- {case}: {line}" if len(groups) == 1 else
+                  f"- {case}, {', '.join(sets)}: {line}" for line, sets in groups.items()]
+    return lines
+
+
 def machine_line(report: dict, key: str) -> list[str]:
     """The line under a section's heading that says when and on what it was measured."""
     stamp = report.get("machines", {}).get(key)
@@ -564,12 +582,9 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
         measured = {d for models in budget["nll"].values() for sets in models.values()
                     for d in sets}
         columns = [d for d in TOY_DATASETS if d in measured]
-        stamped = report.get("machines", {})
         lines += [f"## Test NLL (nats) after {budget['budget_s']:.0f} s of training, {schedule}, "
                   f"mean over seeds {budget['seeds']} (steps in brackets)", "",
-                  *[f"- {case}: {machine_line(report, per_case)[0]}" for case in budget["nll"]
-                    for per_case in [f"{key}/{case}" if f"{key}/{case}" in stamped else key]],
-                  "",
+                  *budget_machine_lines(report, key, budget["nll"]), "",
                   "| case | library | " + " | ".join(columns) + " |",
                   "|---|---|" + "---|" * len(columns)]
         for case, models in budget["nll"].items():
@@ -665,8 +680,9 @@ def main() -> None:
                                                             args.device)}
         stored = budget_key(section, args.clip_grad_norm) if section.startswith("budget") \
             else section
-        keys = ([f"{stored}/{case}" for case in args.cases]
-                if section == "steps" or section.startswith("budget") else [section])
+        keys = ([f"{stored}/{case}" for case in args.cases] if section == "steps" else
+                [f"{stored}/{case}/{d}" for case in args.cases for d in args.sets]
+                if section.startswith("budget") else [section])
         if section == "memory" and "i-ResNet 2-D" in args.cases:
             keys.append(SERIES_SWEEP)
         report.setdefault("machines", {}).update(dict.fromkeys(keys, stamp))
