@@ -6,8 +6,9 @@ mapped elementwise with parameters computed from ``x_a`` by a conditioner networ
 is block triangular, so the log-det only involves the elementwise map of ``x_b``.
 
 The halves are gathered with stored index buffers and the output is reassembled with one
-``index_copy``, so the conditioner sees only ``|a|`` inputs and emits only what ``x_b`` needs,
-rather than masking full-size tensors through the network.
+``index_copy`` (for a mask of two contiguous blocks, split as views and joined by one ``cat``),
+so the conditioner sees only ``|a|`` inputs and emits only what ``x_b`` needs, rather than
+masking full-size tensors through the network.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class Coupling(Bijection):
             )
         self.register_buffer("index_a", mask.nonzero().squeeze(1))
         self.register_buffer("index_b", (~mask).nonzero().squeeze(1))
+        # a mask of two blocks (half_mask, any mask of 2 features) splits by views and joins by
+        # one cat: no gathers, no scatter-add in the gradient; ``None`` for any other mask
+        self.a_first = bool(mask[0]) if int((mask[1:] != mask[:-1]).sum()) == 1 else None
         self.conditioner = conditioner if conditioner is not None else MLP(
             in_features=len(self.index_a),
             out_features=params_per_feature * len(self.index_b),
@@ -111,11 +115,18 @@ class Coupling(Bijection):
         raise NotImplementedError
 
     def _couple(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        params = self.conditioner(x.index_select(1, self.index_a))
-        x_b = x.index_select(1, self.index_b)
+        if self.a_first is None:
+            x_a, x_b = x.index_select(1, self.index_a), x.index_select(1, self.index_b)
+        else:
+            sizes = [len(self.index_a), len(self.index_b)]
+            x_a, x_b = x.split(sizes if self.a_first else sizes[::-1], dim=1)
+            if not self.a_first:
+                x_a, x_b = x_b, x_a
         transform = self._inverse_transform if inverse else self._transform
-        y_b, logdet = transform(x_b, params)
-        return x.index_copy(1, self.index_b, y_b), logdet
+        y_b, logdet = transform(x_b, self.conditioner(x_a))
+        if self.a_first is None:
+            return x.index_copy(1, self.index_b, y_b), logdet
+        return torch.cat([x_a, y_b] if self.a_first else [y_b, x_a], dim=1), logdet
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._couple(x, inverse=False)
