@@ -119,9 +119,8 @@ class Coupling(Bijection):
             x_a, x_b = x.index_select(1, self.index_a), x.index_select(1, self.index_b)
         else:
             sizes = [len(self.index_a), len(self.index_b)]
-            x_a, x_b = x.split(sizes if self.a_first else sizes[::-1], dim=1)
-            if not self.a_first:
-                x_a, x_b = x_b, x_a
+            first, second = x.split(sizes if self.a_first else sizes[::-1], dim=1)
+            x_a, x_b = (first, second) if self.a_first else (second, first)
         transform = self._inverse_transform if inverse else self._transform
         y_b, logdet = transform(x_b, self.conditioner(x_a))
         if self.a_first is None:
