@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from compare_peers import machine_line, machine_stamp
 from torch.profiler import ProfilerActivity, profile
 
 from flows.compiled_step import CompiledAdamStep
@@ -108,6 +109,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(BATCH, 2)
+    machine = machine_stamp(args.threads, torch.device("cpu"))
     flops = matmul_flops_per_step()
     one_graph = compiled_adam_step(RealNVP(2), x)
     ms = interleaved_ms({"eager": training_step(RealNVP(2), x),
@@ -131,6 +133,7 @@ def main() -> None:
         f"# Real NVP 2-D step (case 1): FLOP rate and profile ({date.today()})", "",
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"`python benchmarks/profile_realnvp.py`.", "",
+        machine_line({"machines": {"run": machine}}, "run")[0], "",
         f"- matmul FLOPs per training step: {flops / 1e6:.0f} M",
         f"- step time (eager, compiled transform, compiled step and the 24 wide products "
         f"interleaved, median of 9 rounds of 30): eager {eager_ms:.2f} ms "
