@@ -131,8 +131,7 @@ def main() -> None:
                                       max_name_column_width=40)
     lines = [
         f"# Real NVP 2-D step (case 1): FLOP rate and profile ({date.today()})", "",
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-        f"`python benchmarks/profile_realnvp.py`.", "",
+        f"torch {torch.__version__}; `python benchmarks/profile_realnvp.py`.", "",
         machine_line({"machines": {"run": machine}}, "run")[0], "",
         f"- matmul FLOPs per training step: {flops / 1e6:.0f} M",
         f"- step time (eager, compiled transform, compiled step and the 24 wide products "
