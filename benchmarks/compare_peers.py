@@ -42,7 +42,8 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
 - ``sampling``: samples per second at temperature 1 (batches of 10,000 for 2-D, 64 for
   images; a case's models interleaved, median of 5 rounds) after ``--sampling-train-s``
   seconds of training; for residual flows the
-  fixed-point iterations over all blocks (flows) and the round-trip error
+  inverse's iterations over all blocks (flows; Newton's for the 2-D i-ResNet, also drawn
+  with the fixed-point inverse) and the round-trip error
   ``max |f(f^-1(z)) - z|`` of the samples, each library's own stopping rule.
 
 ``--device cuda`` runs the ``steps`` and ``sampling`` sections on a GPU (models and batches
@@ -388,7 +389,7 @@ def sample_rates(candidates: dict[str, Candidate], n: int, device: torch.device,
     for name, candidate in candidates.items():
         row = {"samples_per_s": n / float(np.median(times[name]))}
         if candidate.inverse_iterations() is not None:  # of its last draw of n
-            row["fixed_point_iterations"] = candidate.inverse_iterations()
+            row["inverse_iterations"] = candidate.inverse_iterations()
         if candidate.round_trip is not None:
             z = torch.randn(n, *candidate.sample(1).shape[1:], device=device)
             row["round_trip_error"] = float((candidate.round_trip(z) - z).abs().max())
@@ -403,8 +404,9 @@ def sampling_section(train_s: float, device: torch.device) -> dict:
     sampled in eval mode, as users do (in training mode a spectral-norm power step runs in
     every forward, so the map moves between a fixed-point inverse and its check).
     2-D models train on moons (batches of 512), image models on their one batch of 64; then
-    a case's models draw interleaved (``sample_rates``). flows' exact 2-D i-ResNet is also
-    drawn at normflows' inverse accuracy (tolerance 3e-3), after the others.
+    a case's models draw interleaved (``sample_rates``). flows' exact 2-D i-ResNet (Newton
+    inverse) is also drawn with the fixed-point inverse and at normflows' inverse accuracy
+    (tolerance 3e-3), after the others.
     """
     report: dict = {}
     for case, (_, _, lr) in CASES.items():
@@ -426,9 +428,13 @@ def sampling_section(train_s: float, device: torch.device) -> dict:
         rows = sample_rates(kept, n, device)
         for name, candidate in kept.items():
             if name.startswith("flows exact"):
-                for block in candidate.model.modules():
-                    if hasattr(block, "inverse_atol"):
-                        block.inverse_atol = block.inverse_rtol = 3e-3
+                blocks = [b for b in candidate.model.modules() if hasattr(b, "inverse_method")]
+                for block in blocks:
+                    block.inverse_method = "fixed_point"
+                rows |= sample_rates({name + ", fixed-point inverse": candidate}, n, device)
+                for block in blocks:
+                    block.inverse_method = "auto"
+                    block.inverse_atol = block.inverse_rtol = 3e-3
                 rows |= sample_rates({name + ", inverse tolerance 3e-3": candidate}, n, device)
         for name, row in rows.items():
             print(case, name, row, flush=True)
@@ -596,13 +602,14 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     if sampling:
         lines += [f"## Sampling at temperature 1 after {sampling['train_s']:.0f} s of training",
                   "", *machine_line(report, "sampling"),
-                  "| case | library | samples/s | fixed-point iterations (all blocks) | "
+                  "| case | library | samples/s | inverse iterations (all blocks) | "
                   "max abs(f(f^-1(z)) - z) |", "|---|---|---|---|---|"]
         for case, rows in sampling["rates"].items():
             for name, r in rows.items():
                 error = f"{r['round_trip_error']:.1e}" if "round_trip_error" in r else ""
                 lines.append(f"| {case} | {name} | {r['samples_per_s']:,.0f} | "
-                             f"{r.get('fixed_point_iterations', '')} | {error} |")
+                             f"{r.get('inverse_iterations', r.get('fixed_point_iterations', ''))}"
+                             f" | {error} |")
         lines.append("")
     path.write_text("\n".join(lines))
 

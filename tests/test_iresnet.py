@@ -631,8 +631,10 @@ def test_iresnet_bijection_and_log_prob():
     torch.testing.assert_close(model.log_prob(x), model.base.log_prob(z) + logdet)
 
 
-def test_fixed_point_inverse_meets_tolerance_and_reports():
-    block = ResidualBlock(make_net().float(), inverse_atol=1e-5, inverse_rtol=1e-5).eval()
+@pytest.mark.parametrize("method", ["fixed_point", "newton"])
+def test_inverse_meets_tolerance_and_reports(method):
+    block = ResidualBlock(make_net().float(), inverse_method=method, inverse_atol=1e-5,
+                          inverse_rtol=1e-5).eval()
     x = 3 * torch.randn(256, 2)
     with torch.no_grad():
         z, _ = block(x)
@@ -642,12 +644,14 @@ def test_fixed_point_inverse_meets_tolerance_and_reports():
     torch.testing.assert_close(x_back, x, atol=1e-4, rtol=1e-4)
 
 
-def test_fixed_point_inverse_warns_when_cap_is_hit():
-    block = ResidualBlock(make_net(), inverse_max_iterations=2).eval()
+@pytest.mark.parametrize(("method", "name", "cap"), [("fixed_point", "fixed-point", 2),
+                                                   ("newton", "Newton", 1)])
+def test_inverse_warns_when_cap_is_hit(method, name, cap):
+    block = ResidualBlock(make_net(), inverse_method=method, inverse_max_iterations=cap).eval()
     z = 3 * torch.randn(8, 2, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="did not converge.*after 2 fixed-point"):
+    with pytest.warns(RuntimeWarning, match=f"did not converge.*after {cap} {name}"):
         block.inverse(z)
-    assert block.last_inverse_iterations == 2
+    assert block.last_inverse_iterations == cap
     assert block.last_inverse_residual > 10 * block.inverse_atol
 
 

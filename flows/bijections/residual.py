@@ -45,6 +45,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from flows.bijections.residual_inverse import (
+    fixed_point_solve,
+    newton_solve,
+    solve_identity_plus,
+)
 from flows.core import Bijection
 from flows.nn.lipschitz import LipschitzMLP, frozen_power_iteration
 from flows.nn.mlp_jacobian import logdet_exact
@@ -53,6 +58,10 @@ from flows.nn.power_series import per_sample_dot, power_series
 LOGDET_MODES = ("auto", "exact", "series")
 PROBES = ("gaussian", "rademacher")
 SERIES_GRADIENTS = ("neumann", "backprop", "neumann_in_forward")
+INVERSE_METHODS = ("auto", "newton", "fixed_point")
+# "auto" inverts by Newton's method up to this event size (one J_g of D forward-mode
+# products per step), by the fixed-point iteration above
+NEWTON_MAX_FEATURES = 2
 
 
 def sample_probes(like: Tensor, probe: str) -> Tensor:
@@ -202,12 +211,13 @@ def _tf32_hint(z: Tensor) -> str:
 class ResidualBlock(Bijection):
     """``z = x + g(x)`` with ``Lip(g) < 1``; ``log|det dz/dx| = log det(I + J_g(x))``, ``(B,)``.
 
-    ``inverse`` solves ``x + g(x) = z`` by the fixed-point iteration ``x <- z - g(x)`` from
-    ``x = z`` (a contraction with rate ``Lip(g)``, so the error after ``k`` steps is
-    ``<= Lip(g)^k |g(z)| / (1 - Lip(g))``). It stops when ``|x_k - x_{k-1}| <= atol + rtol |x_k|``
-    elementwise (then ``|x_k - x*|`` is at most ``Lip(g) / (1 - Lip(g))`` times that) or after
-    ``inverse_max_iterations`` steps, records ``last_inverse_iterations`` and
-    ``last_inverse_residual`` (the achieved ``max |x + g(x) - z|``) and warns if it did not
+    ``inverse`` solves ``x + g(x) = z`` (``flows.bijections.residual_inverse``) by the
+    fixed-point iteration ``x <- z - g(x)`` from ``x = z`` (a contraction with rate ``Lip(g)``)
+    or by safeguarded Newton steps ``x <- x - (I + J_g)^{-1} (x + g(x) - z)`` (quadratic near
+    the solution, one ``J_g`` per step: for small ``D``; ``inverse_method`` ``"auto"`` takes
+    Newton for ``D <= 2``). It stops when the last step moved every element by at most ``atol +
+    rtol |x|`` or after ``inverse_max_iterations`` steps, records ``last_inverse_iterations``
+    and ``last_inverse_residual`` (the achieved ``max |x + g(x) - z|``) and warns if it did not
     converge. The inverse log-det is minus the forward log-det at the recovered ``x``. Under
     grad mode the recovered ``x`` carries implicit-function gradients: exact
     ``dx = (I + J_g)^{-1} (dz - dg)`` when the log-det is exact, the one-step approximation
@@ -241,9 +251,11 @@ class ResidualBlock(Bijection):
             forward pass of training: less memory, for a mean or sum NLL; eval mode uses
             ``"neumann"``; see the module docstring).
         exact_max_features: largest ``D`` for which ``"auto"`` picks the exact log-det.
-        inverse_atol: absolute tolerance of the fixed-point iteration.
-        inverse_rtol: relative tolerance of the fixed-point iteration.
-        inverse_max_iterations: iteration cap of the fixed-point iteration.
+        inverse_method: ``"auto"``, ``"newton"`` or ``"fixed_point"``.
+        inverse_atol: absolute tolerance of the inverse's last step.
+        inverse_rtol: relative tolerance of the inverse's last step.
+        inverse_max_iterations: iteration cap of the inverse (Newton: evaluations of
+            ``g`` and ``J_g``).
 
     References:
         Behrmann et al., Invertible Residual Networks (2019), https://arxiv.org/abs/1811.00995
@@ -261,6 +273,7 @@ class ResidualBlock(Bijection):
         probe: str = "gaussian",
         series_gradient: str = "neumann",
         exact_max_features: int = 2,
+        inverse_method: str = "auto",
         inverse_atol: float = 1e-5,
         inverse_rtol: float = 1e-5,
         inverse_max_iterations: int = 1000,
@@ -282,6 +295,9 @@ class ResidualBlock(Bijection):
             )
         if min(num_terms, num_probes, eval_num_terms, eval_num_probes) < 1:
             raise ValueError("num_terms, num_probes, eval_num_terms, eval_num_probes must be >= 1")
+        if inverse_method not in INVERSE_METHODS:
+            raise ValueError(f"inverse_method={inverse_method!r} must be one of "
+                             f"{INVERSE_METHODS}")
         if inverse_max_iterations < 1:
             raise ValueError(f"inverse_max_iterations={inverse_max_iterations} must be >= 1")
         self.net = net
@@ -293,6 +309,7 @@ class ResidualBlock(Bijection):
         self.probe = probe
         self.series_gradient = series_gradient
         self.exact_max_features = exact_max_features
+        self.inverse_method = inverse_method
         self.inverse_atol = inverse_atol
         self.inverse_rtol = inverse_rtol
         self.inverse_max_iterations = inverse_max_iterations
@@ -358,7 +375,7 @@ class ResidualBlock(Bijection):
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         with frozen_power_iteration(self.net):  # in training mode too: the last forward's g
-            x, iterations, converged = self._fixed_point(z)
+            x, iterations, converged = self._solve(z)
             if torch.is_grad_enabled():
                 x = self._implicit_gradient(x, z)
             z_back, logdet = self(x)
@@ -368,7 +385,8 @@ class ResidualBlock(Bijection):
         if not converged:
             warnings.warn(
                 f"ResidualBlock inverse did not converge: max|x + g(x) - z| = {residual:.3g} "
-                f"after {iterations} fixed-point iterations (atol={self.inverse_atol}, "
+                f"after {iterations} {'Newton' if self.newton_inverse(z) else 'fixed-point'} "
+                f"iterations (atol={self.inverse_atol}, "
                 f"rtol={self.inverse_rtol}); Lip(g) may be close to 1 (run the power iteration "
                 f"to convergence, lower the Lipschitz coefficient) or raise "
                 f"inverse_max_iterations{_tf32_hint(z)}",
@@ -377,19 +395,20 @@ class ResidualBlock(Bijection):
             )
         return x, -logdet
 
+    def newton_inverse(self, z: Tensor) -> bool:
+        """Whether ``inverse(z)`` takes Newton steps (else the fixed-point iteration)."""
+        if self.inverse_method == "auto":
+            return z[0].numel() <= NEWTON_MAX_FEATURES
+        return self.inverse_method == "newton"
+
     @torch.no_grad()
-    def _fixed_point(self, z: Tensor) -> tuple[Tensor, int, bool]:
-        """``x <- z - g(x)`` from ``x = z``: ``(x, iterations, converged)``."""
-        x = z
+    def _solve(self, z: Tensor) -> tuple[Tensor, int, bool]:
+        """``x`` with ``x + g(x) = z``: ``(x, iterations, converged)``."""
+        settings = (self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations)
         with parametrize.cached():  # normalise each weight once, not once per iteration
-            for iteration in range(1, self.inverse_max_iterations + 1):
-                x_next = z - self.net(x)
-                tolerance = self.inverse_atol + self.inverse_rtol * x_next.abs()
-                converged = bool(((x_next - x).abs() <= tolerance).all())
-                x = x_next
-                if converged:
-                    return x, iteration, True
-        return x, self.inverse_max_iterations, False
+            if self.newton_inverse(z):
+                return newton_solve(self._jacobian, z, *settings)
+            return fixed_point_solve(self.net, z, *settings)
 
     def _implicit_gradient(self, x: Tensor, z: Tensor) -> Tensor:
         """``x`` in value, with the derivatives of the solution of ``x + g(x) = z``.
@@ -401,10 +420,7 @@ class ResidualBlock(Bijection):
         x = x.detach()
         if self.uses_exact(x):
             gx, jac = self._jacobian(x)
-            eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-            residual = (x + gx - z).flatten(1)
-            step = torch.linalg.solve(eye + jac.detach(), residual.unsqueeze(-1))
-            step = step.view_as(x)
+            step = solve_identity_plus(jac.detach(), (x + gx - z).flatten(1)).view_as(x)
         else:
             step = x + self.net(x) - z
         return x + (step.detach() - step)

@@ -33,7 +33,8 @@ class IResNet(NormalizingFlow):
         activation: ``"elu"`` or ``"lipswish"``.
         lipschitz_coeff: spectral-norm target ``c`` of every linear, in (0, 1); 0.9 gives
             ``Lip(g) <= 0.73`` with 2 hidden layers, so each fixed-point step of the inverse
-            shrinks its error at least 0.73-fold (at most ~40 steps to 1e-5).
+            shrinks its error at least 0.73-fold (at most ~40 steps to 1e-5; Newton's
+            steps, the 2-D default, need fewer).
         actnorm: ActNorm after every block.
         logdet: ``"auto"`` (exact for ``D <= 2``), ``"exact"`` or ``"series"``.
         num_terms: power-series terms in training.
@@ -45,9 +46,11 @@ class IResNet(NormalizingFlow):
             series (see ``ResidualBlock``; ``"neumann_in_forward"`` is for conv nets, whose
             products are autograd's).
         n_power_iterations: power-iteration steps per training forward of each linear.
-        inverse_atol: absolute tolerance of each block's fixed-point inverse.
-        inverse_rtol: relative tolerance of each block's fixed-point inverse.
-        inverse_max_iterations: iteration cap of each block's fixed-point inverse.
+        inverse_method: each block's inverse: ``"auto"`` (Newton's method for ``D <= 2``,
+            else the fixed-point iteration), ``"newton"`` or ``"fixed_point"``.
+        inverse_atol: absolute tolerance of each block's inverse.
+        inverse_rtol: relative tolerance of each block's inverse.
+        inverse_max_iterations: iteration cap of each block's inverse.
         compile: run the forward (exact or power series) through ``torch.compile``,
             ``blocks_per_call`` blocks (with their ActNorms) per compiled call
             (``MLPResidualChain``; the 32-block 2-D default: 32 ms per training step against
@@ -75,6 +78,7 @@ class IResNet(NormalizingFlow):
         probe: str = "gaussian",
         series_gradient: str = "neumann",
         n_power_iterations: int = 1,
+        inverse_method: str = "auto",
         inverse_atol: float = 1e-5,
         inverse_rtol: float = 1e-5,
         inverse_max_iterations: int = 1000,
@@ -92,6 +96,7 @@ class IResNet(NormalizingFlow):
                 eval_num_probes=eval_num_probes,
                 probe=probe,
                 series_gradient=series_gradient,
+                inverse_method=inverse_method,
                 inverse_atol=inverse_atol,
                 inverse_rtol=inverse_rtol,
                 inverse_max_iterations=inverse_max_iterations,
