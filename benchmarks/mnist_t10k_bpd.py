@@ -22,7 +22,8 @@ i-ResNet validates every 250 steps and at the last one (20 terms x 1 probe, ~16 
 1,000 28x28 images here; its diagnostics invert 100 of them, ~20 s).
 Far from the papers' budgets (hundreds of GPU epochs over 60,000 images: Real NVP 1.06, Glow
 1.05 bpd), this checks the image pipeline end to end on real data. Results go to
-``benchmarks/results/mnist_t10k_bpd.md`` and ``.json`` (rows merged by model and seed).
+``benchmarks/results/mnist_t10k_bpd.md`` and ``.json`` (rows merged by model, seed, steps,
+device and overrides).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def write_tables(rows: list[dict]) -> None:
     path = RESULTS / "mnist_t10k_bpd.json"
     kept = json.loads(path.read_text()) if path.exists() else []
     def key(row: dict) -> tuple:
-        return row["model"], row["seed"], row.get("device", "cpu"), row.get("extra", [])
+        return (row["model"], row["seed"], row["steps"], row.get("device", "cpu"),
+                row.get("extra", []))
 
     new = {str(key(row)) for row in rows}
     rows = sorted([r for r in kept if str(key(r)) not in new] + rows, key=lambda r: str(key(r)))
