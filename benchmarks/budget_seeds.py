@@ -1,16 +1,18 @@
 """Is a gap in compare_peers' 60-s NLL signal or noise? The budget run over many seeds.
 
     python benchmarks/budget_seeds.py --sets checkerboard --seeds 0 1 2 3 4 5 6 7 8 9 \\
-        --models "flows compiled" normflows zuko
+        --models "flows compiled" normflows zuko [--schedule constant]
 
 The ``budget-decay`` protocol of ``compare_peers.py`` (Real NVP 2-D, the same batches and
 test points per seed for every library, the learning rate decayed linearly to 0 over the
-wall-clock budget, each run paying its own compilation), for the models and seeds asked for.
+wall-clock budget, each run paying its own compilation), or with ``--schedule constant`` its
+``budget`` protocol (Adam at 1e-3 throughout), for the models and seeds asked for.
 Per set: each model's mean and standard deviation over seeds, and its paired difference to
 ``--reference`` seed by seed (the test points are the same, so the difference is paired): the
 mean difference, a 95% t-interval for it, and in how many seeds the reference is better.
-Writes ``benchmarks/results/budget_seeds.{json,md}``; a run with the same budget, seeds and
-reference replaces its own sets' rows and keeps the others.
+Writes ``benchmarks/results/budget_seeds.{json,md}`` (``budget_seeds_constant.*`` for the
+constant rate); a run with the same budget, seeds and reference replaces its own sets' rows
+and keeps the others.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from compare_peers import RESULTS, budget_section, machine_line, machine_stamp
 from scipy import stats
 
 from flows.data.toy import TOY_DATASETS
+
+SCHEDULES = {"decay": "learning rate decayed linearly to 0", "constant": "learning rate 1e-3"}
 
 
 def paired(nll: list[float], reference: list[float]) -> dict:
@@ -54,12 +58,18 @@ def model_row(data_name: str, name: str, row: dict, reference: list[float] | Non
             f"{np.mean(row['steps']):,.0f} | {cells[0]} | {cells[1]} |")
 
 
+def results_stem(schedule: str) -> str:
+    """``budget_seeds`` for the decayed rate, ``budget_seeds_<schedule>`` for the others."""
+    return "budget_seeds" + ("" if schedule == "decay" else f"_{schedule}")
+
+
 def write_markdown(report: dict) -> None:
     reference = report["reference"]
+    schedule = report["schedule"]
     lines = [f"# {report['budget_s']:.0f}-s test NLL over {len(report['seeds'])} seeds "
              f"({report['date']})", "",
              f"`python benchmarks/budget_seeds.py` (Real NVP 2-D, {report['budget_s']:.0f} s, "
-             f"learning rate decayed linearly to 0; seeds {report['seeds']}). Means and sds "
+             f"{SCHEDULES[schedule]}; seeds {report['seeds']}). Means and sds "
              f"over the finite runs; differences paired by seed, over the seeds where both "
              f"runs are finite.", "",
              *[f"{data_name}: {machine_line(report, data_name)[0]}"
@@ -71,7 +81,7 @@ def write_markdown(report: dict) -> None:
         for name, row in models.items():
             lines.append(model_row(data_name, name, row, None if name == reference else
                                    models[reference]["nll"]))
-    (RESULTS / "budget_seeds.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{results_stem(schedule)}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -82,6 +92,7 @@ def main() -> None:
                         default=["flows compiled", "normflows", "zuko"])
     parser.add_argument("--reference", default="flows compiled")
     parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default="decay")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.reference not in args.models:
@@ -89,11 +100,13 @@ def main() -> None:
     if len(args.seeds) < 2:
         parser.error("give at least 2 seeds: the interval needs a spread")
     torch.set_num_threads(args.threads)
-    runs = budget_section(args.budget_s, args.seeds, ["Real NVP 2-D"], args.sets, decay=True,
+    runs = budget_section(args.budget_s, args.seeds, ["Real NVP 2-D"], args.sets,
+                          decay=args.schedule == "decay",
                           models=args.models)["Real NVP 2-D"]
-    path = RESULTS / "budget_seeds.json"
+    path = RESULTS / f"{results_stem(args.schedule)}.json"
     before = json.loads(path.read_text()) if path.exists() else {}
-    protocol = {"budget_s": args.budget_s, "seeds": args.seeds, "reference": args.reference}
+    protocol = {"budget_s": args.budget_s, "seeds": args.seeds, "reference": args.reference,
+                "schedule": args.schedule}
     kept = before if all(before.get(k) == v for k, v in protocol.items()) else {}
     report = {"date": date.today().isoformat(), **protocol,
               "machines": kept.get("machines", {}), "sets": kept.get("sets", {})}
