@@ -98,6 +98,11 @@ def test_experiment_configs_instantiate(experiment):
         cfg.model.hidden_channels = 8
     flow = instantiate(cfg.model)
     assert sum(p.numel() for p in flow.parameters()) > 0
+    # the schedule builds for the experiment's own run length (warmup_cosine refuses a warmup
+    # as long as the run) and starts at a positive rate no higher than the configured one
+    optimizer = instantiate(cfg.optim)(flow.parameters())
+    instantiate(cfg.scheduler)(optimizer)
+    assert 0 < optimizer.param_groups[0]["lr"] <= cfg.optim.lr
 
 
 def test_trainer_callbacks_loggers_instantiate(tmp_path):
