@@ -2,6 +2,8 @@
 
     python benchmarks/budget_seeds.py --sets checkerboard --seeds 0 1 2 3 4 5 6 7 8 9 \\
         --models "flows compiled" normflows zuko [--schedule constant]
+    python benchmarks/budget_seeds.py --sets 8gaussians --models "flows compiled step" \\
+        --reference "flows compiled step" --clamps 2 --schedule constant
 
 The ``budget-decay`` protocol of ``compare_peers.py`` (Real NVP 2-D, the same batches and
 test points per seed for every library, the learning rate decayed linearly to 0 over the
@@ -10,6 +12,8 @@ wall-clock budget, each run paying its own compilation), or with ``--schedule co
 Per set: each model's mean and standard deviation over seeds, and its paired difference to
 ``--reference`` seed by seed (the test points are the same, so the difference is paired): the
 mean difference, a 95% t-interval for it, and in how many seeds the reference is better.
+``--clamps C ...`` adds flows' compiled step with its log-scale soft clamp at each ``C``
+(default 3) to the models, trained right after the default one seed by seed.
 Writes ``benchmarks/results/budget_seeds.{json,md}`` (``budget_seeds_constant.*`` for the
 constant rate); a run with the same budget, seeds and reference replaces its own sets' rows
 and keeps the others.
@@ -24,6 +28,7 @@ from datetime import date
 import numpy as np
 import torch
 from compare_peers import RESULTS, budget_section, machine_line, machine_stamp
+from peer_models import clamp_variant
 from scipy import stats
 
 from flows.data.toy import TOY_DATASETS
@@ -94,15 +99,18 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0)
     parser.add_argument("--schedule", choices=list(SCHEDULES), default="decay")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clamps", type=float, nargs="+", default=[],
+                        help="flows' compiled step with these log-scale clamps too")
     args = parser.parse_args()
+    args.models += [clamp_variant(clamp) for clamp in args.clamps]
     if args.reference not in args.models:
         parser.error(f"--reference {args.reference!r} must be one of --models")
     if len(args.seeds) < 2:
         parser.error("give at least 2 seeds: the interval needs a spread")
     torch.set_num_threads(args.threads)
     runs = budget_section(args.budget_s, args.seeds, ["Real NVP 2-D"], args.sets,
-                          decay=args.schedule == "decay",
-                          models=args.models)["Real NVP 2-D"]
+                          decay=args.schedule == "decay", models=args.models,
+                          clamps=tuple(args.clamps))["Real NVP 2-D"]
     path = RESULTS / f"{results_stem(args.schedule)}.json"
     before = json.loads(path.read_text()) if path.exists() else {}
     protocol = {"budget_s": args.budget_s, "seeds": args.seeds, "reference": args.reference,

@@ -301,7 +301,8 @@ def test_nll(candidate: Candidate, test: torch.Tensor) -> float:
 def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: list[str],
                    decay: bool, models: list[str] | None = None,
                    ema_decay: float | None = None,
-                   clip_grad_norm: float | None = None) -> dict:
+                   clip_grad_norm: float | None = None,
+                   clamps: tuple[float, ...] = ()) -> dict:
     """Test NLL after ``budget_s`` seconds of training, per data set, model and seed.
 
     Adam at lr 1e-3 throughout, or with ``decay`` from 1e-3 linearly to 0 in wall-clock time,
@@ -312,9 +313,10 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
     With ``ema_decay`` the test NLL is that of ``theta_ema <- d_n theta_ema + (1 - d_n)
     theta``, updated after every step from the first with ``flows.lit.callbacks.EMAWeights``'
     warmed-up decay ``d_n``, its cost inside the budget. With ``clip_grad_norm`` every
-    library's gradient is clipped to that total norm before each update.
+    library's gradient is clipped to that total norm before each update. ``clamps``: flows'
+    compiled step with these log-scale clamps too (``peer_models.realnvp_candidates``).
     """
-    builders = {"Real NVP 2-D": realnvp_candidates,
+    builders = {"Real NVP 2-D": lambda: realnvp_candidates(clamps),
                 "i-ResNet 2-D": lambda: iresnet_candidates(series=False)}
     report: dict = {}
     for data_name in sets:

@@ -3,11 +3,13 @@
 Runs ``python -m flows.train model=M data=D seed=S`` for every combination asked for, one
 at a time (the machine has 2 cores), and writes a table of steps, wall time, test NLL with
 its standard error, the data's entropy and the gap to ``benchmarks/results/toy_gaps.md`` (rows
-in ``toy_gaps.json``; a new run replaces the row of the same model, data and seed, the
-others stay). ``command s`` is the whole command, start-up, compiling and the test pass
-included: what the 5-minute budget of a default run is about.
+in ``toy_gaps.json``; a new run replaces the row of the same model, data, seed and extra
+overrides, the others stay, so a variant's rows sit beside the default's). ``command s``
+is the whole command, start-up, compiling and the test pass included: what the 5-minute
+budget of a default run is about.
 
     python benchmarks/toy_gaps.py --models realnvp iresnet --data moons 8gaussians checkerboard
+    python benchmarks/toy_gaps.py --models realnvp --seeds 0 1 2 model.log_scale_clamp=2.0
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ def train(model: str, data: str, seed: int, extra: list[str], folder: Path) -> d
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     results = json.loads((run_dir / "results.json").read_text())
-    return results | {"command_s": time.perf_counter() - start,
+    return results | {"command_s": time.perf_counter() - start, "overrides": " ".join(extra),
                       "command": " ".join(["python -m flows.train", *command[3:6], *extra])}
+
+
+def _key(row: dict) -> tuple:
+    """A row's identity: model, data, overrides (none in rows from before they were kept), seed."""
+    return row["model"], row["data"], row.get("overrides", ""), row["seed"]
 
 
 def _seconds(value: float | None) -> str:
@@ -57,19 +64,20 @@ def main() -> None:
         for data in args.data:
             for seed in args.seeds:
                 r = train(model, data, seed, args.overrides, folder)
-                row = {key: r[key] for key in ("model", "data", "seed", "train_steps", "wall_s",
-                                               "command_s", "test_nll", "test_nll_se",
-                                               "entropy", "gap", "command")}
+                row = {key: r[key] for key in ("model", "data", "seed", "overrides",
+                                               "train_steps", "wall_s", "command_s",
+                                               "test_nll", "test_nll_se", "entropy", "gap",
+                                               "command")}
                 row["date"] = date.today().isoformat()
-                rows = [old for old in rows
-                        if (old["model"], old["data"], old["seed"]) != (model, data, seed)]
+                rows = [old for old in rows if _key(old) != _key(row)]
                 rows.append(row)
                 print(row, flush=True)
                 store.write_text(json.dumps(rows, indent=1) + "\n")
-    rows.sort(key=lambda r: (r["model"], r["data"], r["seed"]))
-    lines = ["| model | data | seed | steps | fit s | command s | test NLL (SE) | entropy | gap "
-             "| date |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['data']} | {r['seed']} | {r['train_steps']} | "
+    rows.sort(key=_key)
+    lines = ["| model | data | overrides | seed | steps | fit s | command s | test NLL (SE) | "
+             "entropy | gap | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['data']} | {r.get('overrides', '')} | {r['seed']} | "
+              f"{r['train_steps']} | "
               f"{r['wall_s']:.0f} | {_seconds(r['command_s'])} | {r['test_nll']:.3f} "
               f"({r['test_nll_se']:.3f}) | {r['entropy']:.3f} | {r['gap']:.3f} | {r['date']} |"
               for r in rows]
