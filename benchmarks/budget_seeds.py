@@ -3,7 +3,7 @@
     python benchmarks/budget_seeds.py --sets checkerboard --seeds 0 1 2 3 4 5 6 7 8 9 \\
         --models "flows compiled" normflows zuko [--schedule constant]
     python benchmarks/budget_seeds.py --sets 8gaussians --models "flows compiled step" \\
-        --reference "flows compiled step" --clamps 2 --schedule constant
+        --reference "flows compiled step" --clamps 3 --schedule constant
 
 The ``budget-decay`` protocol of ``compare_peers.py`` (Real NVP 2-D, the same batches and
 test points per seed for every library, the learning rate decayed linearly to 0 over the
@@ -13,7 +13,7 @@ Per set: each model's mean and standard deviation over seeds, and its paired dif
 ``--reference`` seed by seed (the test points are the same, so the difference is paired): the
 mean difference, a 95% t-interval for it, and in how many seeds the reference is better.
 ``--clamps C ...`` adds flows' compiled step with its log-scale soft clamp at each ``C``
-(default 3) to the models, trained right after the default one seed by seed.
+(default 2) to the models, trained right after the default one seed by seed.
 Writes ``benchmarks/results/budget_seeds.{json,md}`` (``budget_seeds_constant.*`` for the
 constant rate); a run with the same budget, seeds and reference replaces its own sets' rows
 and keeps the others.

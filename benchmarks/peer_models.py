@@ -65,25 +65,25 @@ def _freia(inn: nn.Module, features: int, note: str) -> Candidate:
 
 
 def clamp_variant(clamp: float) -> str:
-    """The name of flows' compiled step with its log-scale soft clamp at ``clamp``."""
+    """The name of flows' compiled step with its log-scale soft clamp at ``clamp`` (not 2)."""
     return f"flows compiled step, clamp {clamp:g}"
 
 
 def realnvp_candidates(clamps: tuple[float, ...] = ()) -> dict[str, Candidate]:
     """Case 1: 8 affine couplings, alternating masks, 1-128-128-2 ReLU conditioners.
 
-    ``clamps``: besides flows' default log-scale clamp (3), its compiled step with each of
+    ``clamps``: besides flows' default log-scale clamp (2), its compiled step with each of
     these, named by ``clamp_variant`` and built right after the default one.
     """
     from flows.compiled_step import CompiledAdamStep
     from flows.models.realnvp import RealNVP
 
-    def realnvp(compile: bool, clamp: float = 3.0) -> RealNVP:
+    def realnvp(compile: bool, **clamp: float) -> RealNVP:
         return RealNVP(2, num_layers=8, hidden_features=128, num_hidden=2, compile=compile,
-                       log_scale_clamp=clamp)
+                       **clamp)
 
-    def compiled_step(clamp: float, note: str) -> Candidate:
-        fused = realnvp(False, clamp)
+    def compiled_step(note: str, **clamp: float) -> Candidate:
+        fused = realnvp(False, **clamp)
         return Candidate(
             fused.log_prob, fused, fused.sample, note + "; loss, gradient and Adam in one graph",
             make_step=lambda optimizer, clip: CompiledAdamStep(fused, optimizer, clip))
@@ -91,9 +91,10 @@ def realnvp_candidates(clamps: tuple[float, ...] = ()) -> dict[str, Candidate]:
     note = "exp of soft-clamped s"
     cases = {"flows": _flows(realnvp(False), note),
              "flows compiled": _flows(realnvp(True), note),
-             "flows compiled step": compiled_step(3.0, note)}
+             "flows compiled step": compiled_step(note)}
     for clamp in clamps:
-        cases[clamp_variant(clamp)] = compiled_step(clamp, f"s clamped to +-{clamp:g}")
+        cases[clamp_variant(clamp)] = compiled_step(f"s soft-clamped to +-{clamp:g}",
+                                                    log_scale_clamp=clamp)
 
     import normflows as nf
 

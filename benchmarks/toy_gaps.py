@@ -9,7 +9,7 @@ is the whole command, start-up, compiling and the test pass included: what the 5
 budget of a default run is about.
 
     python benchmarks/toy_gaps.py --models realnvp iresnet --data moons 8gaussians checkerboard
-    python benchmarks/toy_gaps.py --models realnvp --seeds 0 1 2 model.log_scale_clamp=2.0
+    python benchmarks/toy_gaps.py model.log_scale_clamp=3.0 --models realnvp --seeds 0 1 2
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ class RealNVP(NormalizingFlow):
         coupling: ``"affine"`` (Real NVP, ``x * exp(s) + t``) or ``"additive"`` (NICE,
             ``x + t``, volume preserving: pair it with a normalisation to learn scales, as
             NICE's final diagonal scaling does).
-        log_scale_clamp: soft bound ``c`` on the affine log-scales, ``|s| < c``.
+        log_scale_clamp: soft bound ``c`` on the affine log-scales, ``|s| < c``. 2 (FrEIA's
+            bound): against 3 it fits rings 0.13 nats better and bounds the spikes of
+            constant-rate runs, and is even on the other toy sets (README).
         normalization: ``"actnorm"``, ``"batchnorm"`` or ``None``, between couplings.
         permutation: ``"alternate"`` (alternating even/odd masks, no permutation layers),
             ``"reverse"`` or ``"random"`` (a fixed half mask with a reversal / seeded random
@@ -64,7 +66,7 @@ class RealNVP(NormalizingFlow):
         hidden_features: int = 128,
         num_hidden: int = 2,
         coupling: str = "affine",
-        log_scale_clamp: float = 3.0,
+        log_scale_clamp: float = 2.0,
         normalization: str | None = None,
         permutation: str = "alternate",
         seed: int = 0,
