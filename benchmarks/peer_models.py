@@ -65,7 +65,7 @@ def _freia(inn: nn.Module, features: int, note: str) -> Candidate:
 
 
 def clamp_variant(clamp: float) -> str:
-    """The name of flows' compiled step with its log-scale soft clamp at ``clamp`` (not 2)."""
+    """The name of flows' compiled step with its log-scale soft clamp at ``clamp``."""
     return f"flows compiled step, clamp {clamp:g}"
 
 
