@@ -43,8 +43,33 @@ def _key(row: dict) -> tuple:
     return row["model"], row["data"], row.get("overrides", ""), row["seed"]
 
 
+def _overrides(row: dict) -> str:
+    """The row's overrides, with its note (how a relabelled row was run) in brackets."""
+    note = f" ({row['note']})" if row.get("note") else ""
+    return row.get("overrides", "") + note
+
+
 def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"  # rows from before command_s was timed
+
+
+def write_table(rows: list[dict], out: Path, arguments: str) -> None:
+    """The Markdown table of every stored row, headed by the toy_gaps arguments last run."""
+    rows = sorted(rows, key=_key)
+    lines = ["| model | data | overrides | seed | steps | fit s | command s | test NLL (SE) | "
+             "entropy | gap | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['data']} | {_overrides(r)} | {r['seed']} | "
+              f"{r['train_steps']} | "
+              f"{r['wall_s']:.0f} | {_seconds(r['command_s'])} | {r['test_nll']:.3f} "
+              f"({r['test_nll_se']:.3f}) | {r['entropy']:.3f} | {r['gap']:.3f} | {r['date']} |"
+              for r in rows]
+    header = ("Gaps to the entropy of the defaults (test NLL minus entropy, nats), "
+              "`python -m flows.train model=M data=D seed=S` through `benchmarks/toy_gaps.py`, "
+              "one run at a time on 2 CPU cores. fit s: `trainer.fit` (training, validations, "
+              "periodic plots, checkpoints); command s: the whole command (start-up, compiling, "
+              "the test pass).\n\n"
+              f"Latest command: `python benchmarks/toy_gaps.py {arguments}`\n\n")
+    out.write_text(header + "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -73,22 +98,7 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
                 store.write_text(json.dumps(rows, indent=1) + "\n")
-    rows.sort(key=_key)
-    lines = ["| model | data | overrides | seed | steps | fit s | command s | test NLL (SE) | "
-             "entropy | gap | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['data']} | {r.get('overrides', '')} | {r['seed']} | "
-              f"{r['train_steps']} | "
-              f"{r['wall_s']:.0f} | {_seconds(r['command_s'])} | {r['test_nll']:.3f} "
-              f"({r['test_nll_se']:.3f}) | {r['entropy']:.3f} | {r['gap']:.3f} | {r['date']} |"
-              for r in rows]
-    header = ("Gaps to the entropy of the defaults (test NLL minus entropy, nats), "
-              "`python -m flows.train model=M data=D seed=S` through `benchmarks/toy_gaps.py`, "
-              "one run at a time on 2 CPU cores. fit s: `trainer.fit` (training, validations, "
-              "periodic plots, checkpoints); command s: the whole command (start-up, compiling, "
-              "the test pass).\n\n"
-              f"Latest command: `python benchmarks/toy_gaps.py {' '.join(sys.argv[1:])}`\n\n")
-    args.out.write_text(header + "\n".join(lines) + "\n")
-
+    write_table(rows, args.out, " ".join(sys.argv[1:]))
 
 if __name__ == "__main__":
     main()
