@@ -61,3 +61,35 @@ def test_config_warms_up_over_the_run():
     used = rates(instantiate(cfg.scheduler)(optimizer), optimizer, 3001)
     assert used[0] == pytest.approx(base / 1000) and used[999] == pytest.approx(base)
     assert used[3000] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("experiment", ["glow_mnist", "glow_cifar10", "iresnet_mnist",
+                                        "iresnet_cifar10"])
+@pytest.mark.parametrize("scheduler", ["cosine", "constant"])
+def test_paper_experiment_runs_without_its_warmup(experiment, scheduler):
+    """A paper experiment sets its papers' warmup length; choosing a schedule without a
+    warmup drops it (the rate starts at the base) instead of failing on an unknown argument."""
+    cfg = compose_train(f"experiment={experiment}", f"scheduler={scheduler}")
+    optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
+    base = optimizer.param_groups[0]["lr"]
+    used = rates(instantiate(cfg.scheduler)(optimizer), optimizer, 2)
+    assert used[0] == pytest.approx(base)
+
+
+@pytest.mark.parametrize("override", ["warmup_steps=30", "scheduler.warmup_steps=30"])
+def test_paper_experiment_warmup_shortened(override):
+    """``iresnet_mnist`` warms up over 430 steps; either override makes it 30: the rate
+    climbs to the base rate at 0-based step 29, holds it at 30 (the cosine's start) and
+    decays from 31."""
+    cfg = compose_train("experiment=iresnet_mnist", "trainer.max_steps=60", override)
+    optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
+    base = optimizer.param_groups[0]["lr"]
+    used = rates(instantiate(cfg.scheduler)(optimizer), optimizer, 32)
+    assert used[0] == pytest.approx(base / 30) and used[28] == pytest.approx(base * 29 / 30)
+    assert used[29] == used[30] == pytest.approx(base)
+    assert used[31] == pytest.approx(base * (1 + math.cos(math.pi / 30)) / 2)
+
+
+def test_paper_experiment_keeps_its_warmup():
+    cfg = compose_train("experiment=glow_mnist")
+    assert cfg.scheduler.warmup_steps == 8600

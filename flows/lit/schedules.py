@@ -26,7 +26,7 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> 
     if warmup_steps < 1 or total_steps <= warmup_steps:
         raise ValueError(f"need 1 <= warmup_steps < total_steps, got warmup_steps="
                          f"{warmup_steps} and total_steps={total_steps}; lower "
-                         f"scheduler.warmup_steps or raise trainer.max_steps")
+                         f"warmup_steps or raise trainer.max_steps")
     factor = functools.partial(warmup_cosine_factor, warmup_steps=warmup_steps,
                                total_steps=total_steps)
     return LambdaLR(optimizer, factor)
