@@ -137,8 +137,9 @@ def resolve_run_dir(parent: str, name: str | None, ckpt_path: str | None,
 
 
 # What a resumed run must keep: its model, data, optimisation and schedule (a cosine schedule
-# restored from a checkpoint keeps its length whatever trainer.max_steps says now).
-RUN_DEFINING = ("seed", "model", "data", "optim", "scheduler", "on_nonfinite",
+# restored from a checkpoint keeps its length whatever trainer.max_steps says now; the warmup
+# length is read through ${warmup_steps}, compared here unresolved, so it is named itself).
+RUN_DEFINING = ("seed", "model", "data", "optim", "scheduler", "warmup_steps", "on_nonfinite",
                 "trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
                 "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
                 "trainer.gradient_clip_algorithm", "trainer.precision")

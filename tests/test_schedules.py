@@ -93,3 +93,16 @@ def test_paper_experiment_warmup_shortened(override):
 def test_paper_experiment_keeps_its_warmup():
     cfg = compose_train("experiment=glow_mnist")
     assert cfg.scheduler.warmup_steps == 8600
+
+
+def test_resume_refuses_another_warmup(tmp_path):
+    """The warmup length reaches the schedule through ``${warmup_steps}``; a resume that
+    changes it is refused like any other change to the schedule."""
+    from flows.cli import RunFolderError, check_resume_settings
+
+    saved = compose_train("experiment=iresnet_mnist")
+    with pytest.raises(RunFolderError, match=r"changes warmup_steps \(430 -> 30\)"):
+        check_resume_settings(saved, compose_train("experiment=iresnet_mnist", "warmup_steps=30"),
+                              tmp_path / ".hydra" / "config.yaml")
+    check_resume_settings(saved, compose_train("experiment=iresnet_mnist"),
+                          tmp_path / ".hydra" / "config.yaml")
