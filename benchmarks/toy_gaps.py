@@ -100,5 +100,6 @@ def main() -> None:
                 store.write_text(json.dumps(rows, indent=1) + "\n")
     write_table(rows, args.out, " ".join(sys.argv[1:]))
 
+
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from flows.lit.schedules import warmup_cosine
-from tests.test_configs import compose_train
+from tests.test_configs import EXPERIMENTS, compose_train
 
 
 def rates(scheduler, optimizer, steps):
@@ -63,8 +63,15 @@ def test_config_warms_up_over_the_run():
     assert used[3000] == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("experiment", ["glow_mnist", "glow_cifar10", "iresnet_mnist",
-                                        "iresnet_cifar10"])
+WARMED_UP = [e for e in EXPERIMENTS
+             if "warmup_cosine" in compose_train(f"experiment={e}").scheduler._target_]
+
+
+def test_the_paper_image_experiments_warm_up():
+    assert {"glow_mnist", "glow_cifar10", "iresnet_mnist", "iresnet_cifar10"} <= set(WARMED_UP)
+
+
+@pytest.mark.parametrize("experiment", WARMED_UP)
 @pytest.mark.parametrize("scheduler", ["cosine", "constant"])
 def test_paper_experiment_runs_without_its_warmup(experiment, scheduler):
     """A paper experiment sets its papers' warmup length; choosing a schedule without a
@@ -91,8 +98,14 @@ def test_paper_experiment_warmup_shortened(override):
 
 
 def test_paper_experiment_keeps_its_warmup():
+    """Without an override glow_mnist's schedule starts at 1/8600 of the rate (its 8,600-step
+    warmup) and reaches the full rate at step 8,599."""
     cfg = compose_train("experiment=glow_mnist")
-    assert cfg.scheduler.warmup_steps == 8600
+    optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
+    base = optimizer.param_groups[0]["lr"]
+    used = rates(instantiate(cfg.scheduler)(optimizer), optimizer, 8600)
+    assert used[0] == pytest.approx(base / 8600) and used[8599] == pytest.approx(base)
+    assert used[8598] == pytest.approx(base * 8599 / 8600)
 
 
 def test_resume_refuses_another_warmup(tmp_path):
