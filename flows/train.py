@@ -77,10 +77,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
                            on_nonfinite=cfg.on_nonfinite,
                            num_levels=getattr(datamodule, "num_levels", None),
                            compile_step=cfg.compile_step)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # a group's member set to null (callbacks.diagnostics=null) is switched off
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.ema_decay is not None:
         callbacks.append(EMAWeights(cfg.ema_decay))
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.on_nonfinite == "skip" and trainer.world_size > 1:
         raise ValueError(

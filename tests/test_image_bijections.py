@@ -273,3 +273,10 @@ def test_saturated_scales_counts_checkerboard_couplings():
     with torch.no_grad():
         net[-1].bias.copy_(torch.tensor([50.0, 0.0]))  # every s_raw huge: s at the clamp
     assert saturated_scales(flow, x) == {"bijections.0": 1.0}
+
+
+@pytest.mark.parametrize("clamp", [0.0, -2.0, float("inf")])
+def test_checkerboard_coupling_refuses_a_clamp_that_is_not_positive_and_finite(clamp):
+    # a clamp of 0 gave tanh(0 / 0) = NaN at initialisation; -2 acted as +2
+    with pytest.raises(ValueError, match="log_scale_clamp must be a positive finite number"):
+        CheckerboardCoupling(ConvResNet(1, 2, 4, 0), 4, 4, log_scale_clamp=clamp)

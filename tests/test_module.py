@@ -56,6 +56,21 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+@pytest.mark.parametrize(("clip", "advice"), [
+    (None, "enable gradient clipping (trainer.gradient_clip_val)"),
+    (5.0, "gradients are already clipped at norm 5"),
+])
+def test_nonfinite_advice_names_the_rate_and_does_not_offer_clipping_twice(tmp_path, clip,
+                                                                           advice):
+    flow = NormalizingFlow(BreaksAfter(calls=2), StandardNormal((2,)))
+    module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=0.003))
+    with pytest.raises(NonFiniteError, match="at step 2 ") as info:
+        trainer(tmp_path, max_steps=5, gradient_clip_val=clip).fit(module, small_toy())
+    message = str(info.value)
+    assert "lower optim.lr (the rate at this step: 0.003)" in message
+    assert advice in message and ("enable gradient clipping" in message) == (clip is None)
+
+
 class SteepShift(Bijection):
     """``x + shift`` with log-det ``3e38 * sum(shift)``: a finite loss at ``shift = 0`` whose
     gradient is finite in every element but overflows float32 in its total norm."""

@@ -144,6 +144,9 @@ def test_sample_writes_an_image_grid(image_run, tmp_path):
 
 BAD_IMAGE_INPUT = [
     (["model=glow", "data=moons"], "Glow models images of shape (channels, height, width)"),
+    (["model=nice"], "RealNVP and NICE model vector data"),
+    (["model=realnvp", "model.num_scales=1", "model.log_scale_clamp=0"],
+     "log_scale_clamp must be a positive finite number"),
     (["model=realnvp", "data.shape=[1,9,9]"], "data.shape=[1, 9, 9]"),
     (["model=realnvp", "model.num_scales=5"], "height and width must be even"),
     (["model=glow", "data.num_levels=64"], "num_levels=64 must be in [2, 17]"),

@@ -134,6 +134,16 @@ class Coupling(Bijection):
         return self._couple(z, inverse=True)
 
 
+def checked_log_scale_clamp(log_scale_clamp: float) -> float:
+    """``log_scale_clamp`` as a float, or a ValueError unless it is positive and finite."""
+    if not 0 < log_scale_clamp < float("inf"):
+        raise ValueError(
+            f"log_scale_clamp must be a positive finite number, got {log_scale_clamp}; "
+            f"values around 2-5 are usual"
+        )
+    return float(log_scale_clamp)
+
+
 class AffineCoupling(Coupling):
     """Real NVP affine coupling: ``z_a = x_a``, ``z_b = x_b * exp(s(x_a)) + t(x_a)``.
 
@@ -168,13 +178,8 @@ class AffineCoupling(Coupling):
         activation: type[nn.Module] = nn.ReLU,
         conditioner: nn.Module | None = None,
     ) -> None:
-        if not 0 < log_scale_clamp < float("inf"):
-            raise ValueError(
-                f"log_scale_clamp must be a positive finite number, got {log_scale_clamp}; "
-                f"values around 2-5 are usual"
-            )
         super().__init__(features, mask, 2, hidden_features, num_hidden, activation, conditioner)
-        self.log_scale_clamp = float(log_scale_clamp)
+        self.log_scale_clamp = checked_log_scale_clamp(log_scale_clamp)
 
     def _scale_shift(self, params: Tensor) -> tuple[Tensor, Tensor]:
         s_raw, t = params.chunk(2, dim=1)
@@ -261,7 +266,7 @@ class CheckerboardCoupling(Bijection):
         self.net = net
         mask = checkerboard_mask(height, width, parity)
         self.register_buffer("mask", mask.to(torch.get_default_dtype()))
-        self.log_scale_clamp = log_scale_clamp
+        self.log_scale_clamp = checked_log_scale_clamp(log_scale_clamp)
         self.additive = additive
 
     def _scale_shift(self, x_a: Tensor) -> tuple[Tensor, Tensor]:

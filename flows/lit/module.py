@@ -243,10 +243,22 @@ class DensityModule(L.LightningModule):
     def _nonfinite(self, message: str) -> None:
         """Stop with ``message``, or count the step as skipped."""
         if self.on_nonfinite == "stop":
-            raise NonFiniteError(f"{message}; lower optim.lr, enable gradient clipping "
-                                 f"(trainer.gradient_clip_val) or check the data")
+            raise NonFiniteError(f"{message}; {self._nonfinite_advice()}")
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def _nonfinite_advice(self) -> str:
+        """What to change, from this run's rate and clipping: norm clipping does not bound an
+        Adam or Adamax step (about ``lr`` per weight whatever the gradient's scale), so with
+        clipping on only the rate, its warmup or the data are left to change."""
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        clip = self.trainer.gradient_clip_val
+        advice = (f"lower optim.lr (the rate at this step: {lr:.3g}), warm it up "
+                  f"(scheduler=warmup_cosine warmup_steps=N)")
+        if not clip:
+            return (f"{advice}, enable gradient clipping (trainer.gradient_clip_val) or check "
+                    f"the data")
+        return f"{advice} or check the data; gradients are already clipped at norm {clip:g}"
 
     def configure_gradient_clipping(self, optimizer: Optimizer,
                                     gradient_clip_val: float | None = None,

@@ -73,6 +73,13 @@ class RealNVP(NormalizingFlow):
         seed: int = 0,
         compile: bool = False,
     ) -> None:
+        if not isinstance(features, int):
+            raise ValueError(
+                f"RealNVP and NICE model vector data (features, an int), got features="
+                f"{features}; for images use model=realnvp (the multi-scale Real NVP), "
+                f"model=glow (model.coupling=additive for NICE's additive coupling) or "
+                f"model=iresnet"
+            )
         if features < 2:
             raise ValueError(
                 f"RealNVP needs features >= 2 (a coupling transforms one part of the features "
