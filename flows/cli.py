@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,37 @@ def check_config_types(cfg: DictConfig | ListConfig, path: str = "") -> None:
             check_config_types(value, f"{path}{key}.")
 
 
+# (the type a setting must have, what else must hold, what to give instead); a bool is not a
+# number here, though Python counts it as an int
+Setting = tuple[type | tuple[type, ...], Callable[[Any], bool], str]
+
+
+def check_settings(cfg: DictConfig, settings: dict[str, Setting]) -> None:
+    """A ``ValueError`` naming the first of a command's own top-level ``settings`` whose value
+    in ``cfg`` is not of its type or fails its condition (``trainer.*`` and the ``_target_``
+    arguments are ``check_config_types``'s)."""
+    for key, (kind, holds, wanted) in settings.items():
+        value = cfg.get(key)
+        counted_as_number = isinstance(value, bool) and kind is not bool
+        if counted_as_number or not isinstance(value, kind) or not holds(value):
+            raise ValueError(f"{key}={value!r}: {wanted}")
+
+
+def whole(least: int, wanted: str) -> Setting:
+    """An int of at least ``least``."""
+    return int, lambda value: value >= least, wanted
+
+
+def positive(wanted: str) -> Setting:
+    """A finite number above 0."""
+    return (int, float), lambda value: 0 < value < math.inf, wanted
+
+
+def switch(key: str) -> Setting:
+    """True or false."""
+    return bool, lambda value: True, f"use {key}=true or {key}=false"
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into ``error: <one line>`` and exit status 1."""
@@ -111,36 +142,49 @@ def user_errors() -> Iterator[None]:
 
 
 class RunFolderError(CompactHydraException, InterpolationResolutionError):
-    """A run folder that cannot be used. Raised while Hydra resolves ``hydra.run.dir``:
-    OmegaConf passes it through unchanged and Hydra prints it as one line, no traceback."""
+    """A run folder that cannot be used: raised while Hydra resolves ``hydra.run.dir`` or by
+    ``CheckRunFolder`` before Hydra writes into it; ``CheckRunFolder`` prints it as one line."""
 
 
 def resolve_run_dir(parent: str, name: str | None, ckpt_path: str | None,
                     _root_: DictConfig) -> str:
     """``<parent>/<name>`` for ``hydra.run.dir`` (``${flows_run_dir:...}``), checked.
 
-    ``name`` defaults to the start time (to the microsecond). The folder must be creatable,
-    and one holding a run (``.hydra/``) is reused only to resume it (``ckpt_path=last`` or a
-    checkpoint inside it); that is not checked when a launcher (torchrun, SLURM) started
-    several ranks. A resume must keep the settings that define the run (``RUN_DEFINING``,
-    against its saved ``.hydra/config.yaml``). Hydra resolves this before it writes anything
-    into the folder, so a refused command changes nothing. Cached: later resolutions in the
-    same process (Lightning's DDP launcher reads ``hydra.run.dir`` again) return the same
-    folder without checking again.
+    ``name`` defaults to the start time (to the microsecond) and must be a plain folder name.
+    The folder must be creatable, and one holding a run (``.hydra/``) is reused only to resume
+    it (``ckpt_path=last`` or a checkpoint inside it); that is not checked when a launcher
+    (torchrun, SLURM) started several ranks. A resume must keep the settings that define the
+    run (``RUN_DEFINING``, against its saved ``.hydra/config.yaml``). Hydra resolves this
+    before it writes anything into the folder, so a refused command changes nothing. Cached:
+    later resolutions in the same process (Lightning's DDP launcher reads ``hydra.run.dir``
+    again) return the same folder without checking again. A folder given as
+    ``hydra.run.dir=<folder>`` gets the same checks from ``CheckRunFolder``.
     """
     # str(): a name YAML reads as a number (name=1, name=nan) is still a folder name.
-    folder = _checked_run_dir(parent, _start_time() if name is None else str(name), ckpt_path)
-    saved = Path(folder) / ".hydra" / "config.yaml"
-    if ckpt_path is not None and saved.is_file():
-        check_resume_settings(OmegaConf.load(saved), _root_, saved)
+    name = _start_time() if name is None else str(name)
+    if name in ("", ".", "..") or any(sep in name for sep in "/\\"):
+        raise RunFolderError(
+            f"error: name={name!r} must be a plain folder name (not empty, '.' or '..', no "
+            f"'/'): the run goes to {parent}/<name>; for a folder elsewhere give "
+            f"hydra.run.dir=<folder> (nothing was changed)"
+        )
+    folder = _checked_run_dir(str(Path(parent) / name), ckpt_path)
+    check_resume(Path(folder), ckpt_path, _root_)
     return folder
+
+
+def check_resume(folder: Path, ckpt_path: str | None, current: DictConfig) -> None:
+    """Where ``ckpt_path`` resumes the run saved in ``folder``, ``check_resume_settings``."""
+    saved = folder / ".hydra" / "config.yaml"
+    if ckpt_path is not None and saved.is_file():
+        check_resume_settings(OmegaConf.load(saved), current, saved)
 
 
 # What a resumed run must keep: its model, data, optimisation and schedule (a cosine schedule
 # restored from a checkpoint keeps its length whatever trainer.max_steps says now; the warmup
 # length is read through ${warmup_steps}, compared here unresolved, so it is named itself).
 RUN_DEFINING = ("seed", "model", "data", "optim", "scheduler", "warmup_steps", "on_nonfinite",
-                "trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
+                "ema_decay", "trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
                 "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
                 "trainer.gradient_clip_algorithm", "trainer.precision")
 
@@ -183,28 +227,32 @@ def _start_time() -> str:
 
 
 @functools.cache
-def _checked_run_dir(parent: str, name: str, ckpt_path: str | None) -> str:
-    folder = Path(parent) / name
-    # Under torchrun or SLURM every rank resolves the same named folder and the first one
-    # creates it: only a single process can tell a stale run from its own siblings.
-    launched = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
-    if not launched and (folder / ".hydra").exists():
-        inside = ckpt_path not in (None, "last") and folder.resolve() in Path(
+def _checked_run_dir(folder: str, ckpt_path: str | None) -> str:
+    path = Path(folder)
+    if not launched_ranks() and (path / ".hydra").exists():
+        inside = ckpt_path not in (None, "last") and path.resolve() in Path(
             ckpt_path).resolve().parents
         if ckpt_path != "last" and not inside:
             raise RunFolderError(
                 f"error: run folder {folder} already holds a run; resume it with "
                 f"ckpt_path=last, or choose another name= (nothing was changed)"
             )
-    record_new_folders(folder)
+    record_new_folders(path)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RunFolderError(
             f"error: cannot create the run folder {folder} ({error.strerror or error}); run "
             f"from a writable folder or choose one with hydra.run.dir="
         ) from None
-    return str(folder)
+    return folder
+
+
+def launched_ranks() -> bool:
+    """Whether a launcher (torchrun, SLURM, Lightning's DDP) started several processes: every
+    rank resolves the same run folder and the first creates it, so only a single process can
+    tell a stale run from its own siblings'."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
 
 
 # folders this command is about to create (absolute): a run folder inside one of them is new
@@ -222,18 +270,32 @@ def _is_new(folder: Path) -> bool:
     return any(path in _new_folders for path in (folder, *folder.parents))
 
 
-class RecordNewRunFolders(Callback):
-    """Hydra callback (``conf/hydra/default.yaml``): records the run folder (``hydra.run.dir``)
-    or the sweep folder (``hydra.sweep.dir``) and their parents that do not exist before Hydra
-    creates them, so ``remove_created_run_folder`` knows which folders are this command's."""
+class CheckRunFolder(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``), run before Hydra creates or writes into
+    the run folder (``hydra.run.dir``) or the sweep folder (``hydra.sweep.dir``).
+
+    A refusal of ``resolve_run_dir`` is printed as one line (exit status 1). A folder given
+    as ``hydra.run.dir=<folder>`` (not through ``resolve_run_dir``) gets its checks: a folder
+    holding a run only to resume it, with the run's settings. The run folder and its parents
+    that do not exist yet are recorded, so ``remove_created_run_folder`` knows which folders
+    are this command's.
+    """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # run.dir reads ${hydra:runtime.choices...}, which Hydra sets up only after this hook
         HydraConfig.instance().set_config(config)
         try:
             run_dir = config.hydra.run.dir
+            own = "flows_run_dir" in str(config.hydra.run._get_node("dir")._value())
+            # Lightning's DDP ranks get hydra.run.dir=<the folder> and write no config
+            if not own and config.hydra.output_subdir is not None:
+                _checked_run_dir(run_dir, config.get("ckpt_path"))
+                check_resume(Path(run_dir), config.get("ckpt_path"), config)
+        except RunFolderError as error:  # without OmegaConf's full_key lines
+            print(str(error).splitlines()[0], file=sys.stderr)
+            raise SystemExit(1) from None
         except OmegaConfBaseException:
-            return  # a refused folder: Hydra resolves it again next and reports why
+            return  # Hydra resolves it again next and reports why
         record_new_folders(Path(run_dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -242,7 +304,7 @@ class RecordNewRunFolders(Callback):
 
 def remove_created_run_folder(run_dir: Path) -> None:
     """After refused input: delete ``run_dir`` if this command created it (recorded by
-    ``resolve_run_dir`` or ``RecordNewRunFolders``) and it holds only what Hydra wrote
+    ``resolve_run_dir`` or ``CheckRunFolder``) and it holds only what Hydra wrote
     (``.hydra/``, ``train.log``), then its parents that this command created and that are left
     empty. A folder that existed before (a custom ``hydra.run.dir``, a resumed run) stays."""
     if not _is_new(run_dir) or {path.name for path in run_dir.iterdir()} - {".hydra",

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from flows.bijections.residual import ResidualBlock, has_series_logdet
-from flows.cli import user_errors, write_json
+from flows.cli import check_settings, positive, switch, user_errors, whole, write_json
 from flows.data.entropy import TOY_ENTROPY
 from flows.data.images import dequantize
 from flows.diagnostics import residual_lipschitz_bounds
@@ -41,7 +41,19 @@ from flows.runs import load_trained, use_tf32
 log = logging.getLogger("flows")
 
 
+SETTINGS = {
+    "batch_size": whole(1, "give the points per batch, a whole number >= 1"),
+    "force": switch("force"),
+    "exact_logdet_max_dims": whole(0, "give a whole number >= 0 (0: always the series)"),
+    "max_bias": positive("give the truncation bias allowed, a number > 0"),
+    "max_se": positive("give the Monte Carlo standard error allowed, a number > 0"),
+    "min_passes": whole(1, "give a whole number >= 1"),
+    "max_passes": whole(1, "give a whole number >= 1"),
+}
+
+
 def evaluate(cfg: DictConfig) -> dict:
+    check_settings(cfg, SETTINGS)
     use_tf32(cfg.get("tf32", False))
     flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
     bounds = residual_lipschitz_bounds(flow)

@@ -79,33 +79,47 @@ def read_checkpoint(checkpoint: Path) -> dict:
     if it is unreadable or not a Lightning checkpoint."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as error:
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError,
+            IndexError, TypeError, AttributeError) as error:  # what a file of another kind raises
         raise ValueError(
             f"cannot read checkpoint {checkpoint} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}); it is truncated, corrupt or "
             f"not a flows checkpoint"
         ) from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise ValueError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict')")
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict) or not all(
+            isinstance(value, torch.Tensor) for value in state["state_dict"].values()):
+        raise ValueError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict' of "
+                         f"tensors)")
     return state
+
+
+def flow_weights(state: dict, flow: NormalizingFlow, checkpoint: Path | str,
+                 expected: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's flow weights (its ``state_dict`` without the ``flow.`` prefix), or a
+    ``ValueError`` unless they have ``flow``'s names and shapes (``expected`` names the model
+    that ``flow`` is, for the message)."""
+    weights = {k.removeprefix("flow."): v for k, v in state["state_dict"].items()}
+    own = flow.state_dict()
+    missing = sorted(own.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - own.keys())
+    reshaped = [f"{key}: {tuple(weights[key].shape)} there, {tuple(own[key].shape)} here"
+                for key in sorted(own.keys() & weights.keys())
+                if weights[key].shape != own[key].shape]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not match {expected} ({len(missing)} tensors "
+            f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. "
+            f"{(reshaped or missing or unexpected)[0]})"
+        )
+    return weights
 
 
 def load_flow(checkpoint: Path, cfg: DictConfig) -> NormalizingFlow:
     """Instantiate ``cfg.model`` and load the checkpoint's weights (``weights_only=True``)."""
     state = read_checkpoint(checkpoint)
-    weights = {k.removeprefix("flow."): v for k, v in state["state_dict"].items()}
     check_config_types(cfg.model, "model.")  # the run's config may not instantiate just anything
     flow = instantiate(cfg.model)
-    try:
-        missing, unexpected = flow.load_state_dict(weights, strict=False)
-    except RuntimeError as error:  # same names, other shapes
-        missing, unexpected = [str(error).splitlines()[-1].strip()], []
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {checkpoint} does not match the model in its run config "
-            f"({len(missing)} missing, {len(unexpected)} unexpected tensors or other shapes, "
-            f"e.g. {(missing or unexpected)[0]!r})"
-        )
+    flow.load_state_dict(flow_weights(state, flow, checkpoint, "the model in its run config"))
     return flow.eval()
 
 

@@ -17,22 +17,42 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from flows.cli import user_errors
+from flows.cli import check_settings, positive, user_errors, whole
 from flows.plots import image_grid, plot_image_grids, plot_samples
 from flows.runs import load_trained, use_tf32
 
 log = logging.getLogger("flows")
 
 
+SETTINGS = {
+    "n": whole(1, "give the number of samples, a whole number >= 1"),
+    "temperature": positive("give a finite number > 0 (1: the model's density; below 1 "
+                            "sharper)"),
+    "seed": whole(0, "give a whole number >= 0"),
+}
+
+
 def sample(cfg: DictConfig) -> Path:
-    if cfg.n < 1 or cfg.temperature <= 0:
-        raise ValueError(f"need n >= 1 and temperature > 0, got n={cfg.n}, "
-                         f"temperature={cfg.temperature}")
+    check_settings(cfg, SETTINGS)
     use_tf32(cfg.get("tf32", False))
     flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
         samples = flow.sample(cfg.n, cfg.temperature).cpu()
+    figure = None  # drawn before any file is written: a failure here writes nothing
+    if len(flow.event_shape) == 3:
+        figure = plot_image_grids({f"{cfg.n} samples, T = {cfg.temperature}": image_grid(
+            samples, nrow=max(1, int(cfg.n ** 0.5)))})
+    elif flow.event_shape == (2,):
+        try:
+            datamodule = instantiate(run_cfg.data)
+            datamodule.setup()
+        except (OSError, ValueError) as error:  # e.g. data=file whose file has moved
+            log.warning("no plot: the run's data cannot be loaded to draw the samples over "
+                        "(%s); the samples are written", error)
+        else:
+            data = datamodule.splits["val"][: max(cfg.n, 2000)].numpy()
+            figure = plot_samples(data, samples.numpy(), title=f"samples, T={cfg.temperature}")
     out = Path(cfg.out) if cfg.out else run / "samples"
     out.mkdir(parents=True, exist_ok=True)
     # The name holds dots (nll=2.906, T0.8): suffixes are appended, never swapped.
@@ -40,15 +60,6 @@ def sample(cfg: DictConfig) -> Path:
     suffixes = ["npy", "pt"]
     np.save(f"{stem}.npy", samples.numpy())
     torch.save(samples, f"{stem}.pt")
-    figure = None
-    if len(flow.event_shape) == 3:
-        figure = plot_image_grids({f"{cfg.n} samples, T = {cfg.temperature}": image_grid(
-            samples, nrow=max(1, int(cfg.n ** 0.5)))})
-    elif flow.event_shape == (2,):
-        datamodule = instantiate(run_cfg.data)
-        datamodule.setup()
-        data = datamodule.splits["val"][: max(cfg.n, 2000)].numpy()
-        figure = plot_samples(data, samples.numpy(), title=f"samples, T={cfg.temperature}")
     if figure is not None:
         figure.savefig(f"{stem}.png", dpi=110)
         plt.close(figure)

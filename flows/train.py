@@ -20,16 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from flows.cli import (
     check_config_types,
+    check_settings,
     remove_created_run_folder,
     resolve_run_dir,
+    switch,
     user_errors,
     write_json,
 )
+from flows.core import NormalizingFlow
 from flows.data.entropy import TOY_ENTROPY
 from flows.lit.callbacks import EMAWeights
 from flows.lit.module import DensityModule, NonFiniteError
 from flows.metrics import bits_per_dim
-from flows.runs import device_name, read_checkpoint, use_tf32
+from flows.runs import device_name, flow_weights, read_checkpoint, use_tf32
 
 log = logging.getLogger("flows")
 
@@ -39,7 +42,7 @@ OmegaConf.register_new_resolver("flows_run_dir", resolve_run_dir, replace=True)
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     """``"last"``: the run folder's ``checkpoints/last.ckpt``; a path: that file; must exist
-    and be a readable checkpoint (read safely, before the run folder is kept)."""
+    (``check_resumable`` reads it)."""
     if ckpt_path is None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
@@ -48,13 +51,29 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
             f"ckpt_path={ckpt_path}: {path} is not a file; give a .ckpt path, or name= the run "
             f"folder to resume with ckpt_path=last"
         )
-    read_checkpoint(path)
     return str(path)
+
+
+def check_resumable(checkpoint: Path, flow: NormalizingFlow, ema_decay: float | None) -> None:
+    """A ``ValueError`` unless the checkpoint is readable (safely, ``weights_only``), holds
+    this command's model (names and shapes) and, if its run averaged the weights
+    (``current_model_state``: its ``state_dict`` is the average), this command averages them
+    too, so that the fit continues the trained weights."""
+    state = read_checkpoint(checkpoint)
+    flow_weights(state, flow, checkpoint, "this command's model (resume with the model.* and "
+                 "data.* settings it was trained with)")
+    if "current_model_state" in state and ema_decay is None:
+        raise ValueError(
+            f"checkpoint {checkpoint} comes from a run with ema_decay set (its weights are the "
+            f"average; the trained ones continue only with averaging on): resume with that "
+            f"run's ema_decay"
+        )
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trainer]:
     """Data (validated), the system and the trainer, before anything is written."""
     check_config_types(cfg)  # a seed that is not an int fails here, through data.seed
+    check_settings(cfg, {"compile_step": switch("compile_step"), "test": switch("test")})
     L.seed_everything(cfg.seed, workers=True)
     use_tf32(cfg.tf32)
     datamodule = instantiate(cfg.data)
@@ -89,9 +108,6 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
             f"under {trainer.world_size} processes (DDP); use on_nonfinite=stop, which stops "
             f"with the last good checkpoint"
         )
-    if not isinstance(cfg.compile_step, bool):
-        raise ValueError(f"compile_step={cfg.compile_step!r}: use compile_step=true or "
-                         f"compile_step=false")
     if cfg.compile_step:
         module.check_compile_step(trainer)
     return datamodule, module, trainer
@@ -167,6 +183,8 @@ def main(cfg: DictConfig) -> float | None:
         with user_errors():
             ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
             parts = build(cfg)
+            if ckpt_path is not None:
+                check_resumable(Path(ckpt_path), parts[1].flow, cfg.ema_decay)
     except SystemExit:  # bad input: remove the run folder if this command just made it
         remove_created_run_folder(run_dir)
         raise

@@ -22,7 +22,7 @@ from flows.lit.module import DensityModule
 from flows.models.iresnet import IResNet
 from flows.models.realnvp import RealNVP
 from flows.nn.lipschitz import power_iterate_
-from flows.runs import find_checkpoint
+from flows.runs import find_checkpoint, read_checkpoint
 from tests.conftest import ROOT, fake_run_folder, run_cli
 from tests.test_module import BreaksAfter, small_toy, trainer
 
@@ -170,6 +170,24 @@ def test_run_folder_resolves_to_the_checkpoint_training_tested(tmp_path):
     assert find_checkpoint(run).name == "best-000099-nll=2.90617.ckpt"  # the one it tested
     (run / "checkpoints" / "best-000099-nll=2.90617.ckpt").unlink()
     assert find_checkpoint(run).name == "best-000100-nll=2.90617.ckpt"
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"hello\n", "cannot read checkpoint"),
+    (b"model:\n  _target_: flows.models.realnvp.RealNVP\n", "cannot read checkpoint"),
+    ([1, 2], "is not a Lightning checkpoint"),
+    ({"state_dict": 3}, "is not a Lightning checkpoint"),
+    ({"state_dict": {"flow.w": 3}}, "is not a Lightning checkpoint"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_refused_by_name(tmp_path, content, expected):
+    path = tmp_path / "c.ckpt"
+    if isinstance(content, bytes):  # a text file, a YAML file renamed
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=expected) as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value)
 
 
 def test_run_config_with_a_foreign_target_is_refused(tmp_path):

@@ -103,20 +103,32 @@ def test_a_named_run_folder_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "outputs" / "iresnet-moons" / "mine"
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
-    again = run_cli("flows.train", *short, "name=mine", "optim.lr=0.5", cwd=tmp_path)
-    assert again.returncode != 0
-    assert "already holds a run; resume it with ckpt_path=last" in again.stderr
-    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    assert after == before  # not one byte changed, the saved config included
+    # the folder named by name= or given as hydra.run.dir=, refused in one line either way
+    for folder in ("name=mine", f"hydra.run.dir={run_dir}"):
+        again = run_cli("flows.train", *short, folder, "optim.lr=0.5", cwd=tmp_path)
+        assert again.returncode != 0
+        assert "already holds a run; resume it with ckpt_path=last" in again.stderr
+        assert again.stderr.strip().count("\n") == 0, again.stderr[-2000:]
+        after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        assert after == before  # not one byte changed, the saved config included
 
-    # a resume keeps the run's settings: a longer schedule or another model is refused
+    # a resume keeps the run's settings: a longer schedule, another model or averaging
+    # switched on is refused
     wider = [o.replace("hidden_features=8", "hidden_features=16") for o in SMALL]
-    changed = run_cli("flows.train", *wider, "trainer.max_steps=10", "name=mine",
-                      "ckpt_path=last", cwd=tmp_path)
-    assert changed.returncode != 0
-    assert ("this command changes model.hidden_features (8 -> 16), trainer.max_steps (5 -> 10)"
-            in changed.stderr), changed.stderr[-2000:]
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    for folder in ("name=mine", f"hydra.run.dir={run_dir}"):
+        changed = run_cli("flows.train", *wider, "trainer.max_steps=10", "ema_decay=0.9",
+                          folder, "ckpt_path=last", cwd=tmp_path)
+        assert changed.returncode != 0
+        assert ("this command changes ema_decay (None -> 0.9), model.hidden_features (8 -> 16), "
+                "trainer.max_steps (5 -> 10)" in changed.stderr), changed.stderr[-2000:]
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+    # its checkpoint into a new run of another size: refused before anything is kept
+    other = run_cli("flows.train", *wider, "trainer.max_steps=10", "name=wider",
+                    f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert "does not match this command's model" in other.stderr, other.stderr[-2000:]
+    assert not (tmp_path / "outputs" / "iresnet-moons" / "wider").exists()
 
     missing = run_cli("flows.train", *short, "name=other", "ckpt_path=last", cwd=tmp_path)
     assert missing.returncode == 1

@@ -98,6 +98,7 @@ BAD_INPUT = [
     (["model.features=3"], "(3,)"),
     ("nan-data", "NaN or inf (first at row 17)"),
     ("inf-data", "NaN or inf (first at row 17)"),
+    ("huge-data", "values beyond float32's range (+-3.4e38; first at row 17)"),
     ("3d-data", "3 features"),
     ("complex-data", "holds complex128 values, not real numbers"),
     (["ckpt_path=/no/such/file.ckpt"], "/no/such/file.ckpt"),
@@ -116,6 +117,9 @@ BAD_INPUT = [
     (["model=iresnet", "compile_step=true"], "(ResidualBlock) updates the power-iteration"),
     (["optim=adamax", "compile_step=true"], "runs Adam or AdamW, got Adamax"),
     (["compile_step=yes"], "compile_step='yes': use compile_step=true or compile_step=false"),
+    (["test=maybe"], "test='maybe': use test=true or test=false"),
+    (["name="], "name='' must be a plain folder name"),
+    (["name=../elsewhere"], "name='../elsewhere' must be a plain folder name"),
     (["trainer.precision=bf16-true", "compile_step=true"], "use trainer.precision=32-true"),
 ]
 
@@ -123,8 +127,8 @@ BAD_INPUT = [
 def bad_input_arguments(overrides, cwd):
     """The command-line arguments of a ``BAD_INPUT`` case run from ``cwd``, after writing the
     data file or the blocking ``outputs`` file that the named cases need."""
-    if overrides in ("nan-data", "inf-data", "3d-data", "complex-data"):
-        bad = {"nan-data": np.nan, "inf-data": -np.inf, "3d-data": None,
+    if overrides in ("nan-data", "inf-data", "huge-data", "3d-data", "complex-data"):
+        bad = {"nan-data": np.nan, "inf-data": -np.inf, "huge-data": 1e300, "3d-data": None,
                "complex-data": 1j}[overrides]
         data = _file_data(cwd, dims=3 if overrides == "3d-data" else 2, bad=bad)
         return [*(o for o in FAST if not o.startswith("data.")), *data]
@@ -189,6 +193,48 @@ def test_warm_interpreter_reports_as_a_fresh_one(tmp_path):
             runs[fresh] = (result.returncode, result.stderr.replace(str(cwd), "<cwd>"), files)
         assert runs[False] == runs[True]
         assert runs[True][0] == 1 and expected in runs[True][1]
+
+
+BAD_SETTINGS = [
+    ("flows.sample", "n=abc", "n='abc': give the number of samples"),
+    ("flows.sample", "n=0", "n=0: give the number of samples"),
+    ("flows.sample", "n=1.5", "n=1.5: give the number of samples"),
+    ("flows.sample", "temperature=nan", "temperature=nan: give a finite number > 0"),
+    ("flows.sample", "temperature=inf", "temperature=inf: give a finite number > 0"),
+    ("flows.sample", "temperature=0", "temperature=0: give a finite number > 0"),
+    ("flows.evaluate", "batch_size=0", "batch_size=0: give the points per batch"),
+    ("flows.evaluate", "batch_size=abc", "batch_size='abc': give the points per batch"),
+    ("flows.evaluate", "max_se=-1", "max_se=-1: give the Monte Carlo standard error allowed"),
+    ("flows.evaluate", "force=yes", "force='yes': use force=true or force=false"),
+]
+
+
+@pytest.mark.parametrize(("command", "override", "expected"), BAD_SETTINGS)
+def test_bad_settings_of_evaluate_and_sample_are_one_line_and_write_nothing(
+        trained_run, tmp_path, command, override, expected):
+    before = sorted(p for p in trained_run.rglob("*"))
+    result = run_cli(command, f"ckpt={trained_run}", override, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert sorted(p for p in trained_run.rglob("*")) == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_without_the_runs_data_writes_the_samples_but_no_plot(tmp_path):
+    points = np.random.default_rng(0).normal(size=(2000, 2))
+    np.save(tmp_path / "points.npy", points)
+    run = tmp_path / "run"
+    result = run_cli("flows.train", "data=file", f"data.path={tmp_path / 'points.npy'}",
+                     "data.features=2", "trainer.max_steps=5", f"hydra.run.dir={run}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "points.npy").unlink()  # the data file moved away after training
+    result = run_cli("flows.sample", f"ckpt={run}", "n=50", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no plot: the run's data cannot be loaded" in result.stdout + result.stderr
+    written = sorted(p.suffix for p in (run / "samples").iterdir())
+    assert written == [".npy", ".pt"]
+    assert np.load(next((run / "samples").glob("*.npy"))).shape == (50, 2)
 
 
 @pytest.mark.parametrize("command", ["flows.evaluate", "flows.sample"])

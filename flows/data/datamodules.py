@@ -103,7 +103,16 @@ def validate_points(points: np.ndarray, source: str) -> np.ndarray:
             f"{source}: {rows.size} row(s) hold NaN or inf (first at row {rows[0]}); "
             f"remove or impute them before training"
         )
-    return points.astype(np.float32)
+    with np.errstate(over="ignore"):
+        single = points.astype(np.float32)
+    huge = ~np.isfinite(single).all(axis=1)  # finite, but beyond float32's 3.4e38
+    if huge.any():
+        rows = np.flatnonzero(huge)
+        raise ValueError(
+            f"{source}: {rows.size} row(s) hold values beyond float32's range (+-3.4e38; "
+            f"first at row {rows[0]}); rescale the data (standardise it) before training"
+        )
+    return single
 
 
 class PointDataModule(L.LightningDataModule):
