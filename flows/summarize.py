@@ -12,11 +12,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from flows.cli import user_errors
@@ -30,25 +32,45 @@ NOT_SETTINGS = ("model", "data", "seed", "name", "ckpt_path")
 
 
 def settings(run: Path) -> str:
-    """The run's overrides (``.hydra/overrides.yaml``) that set it up, sorted, one string."""
+    """The run's overrides (``.hydra/overrides.yaml``) that set it up, as Hydra parses them
+    (``=False`` and ``=false``, ``1e-3`` and ``0.001`` read alike), sorted, one string."""
     path = run / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return ""
-    return " ".join(sorted(str(o) for o in OmegaConf.load(path) if _is_setting(str(o))))
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in OmegaConf.load(path)])
+    return " ".join(sorted(
+        override.get_key_element() if override.is_delete() else
+        f"{override.get_key_element()}={override.get_value_element_as_str()}"
+        for override in parsed
+        if override.key_or_group not in NOT_SETTINGS and
+        not override.key_or_group.startswith("hydra.")))
 
 
-def _is_setting(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("+~")
-    return key not in NOT_SETTINGS and not key.startswith("hydra.")
+def _natural(path: Path) -> list:
+    """Sort key: ``2-realnvp-moons`` before ``10-realnvp-moons``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def read_results(path: Path) -> dict:
+    """A run's ``results.json``, or a ``ValueError`` naming the file."""
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); fix or remove it") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} holds a {type(results).__name__}, not a run's results "
+                         f"(a JSON object); fix or remove it")
+    return results
 
 
 def collect(folder: Path) -> list[dict]:
-    """One row per ``results.json`` under ``folder``, sorted by run folder."""
+    """One row per ``results.json`` under ``folder``, sorted by run folder (numbers by
+    value)."""
     if not folder.is_dir():
         raise NotADirectoryError(f"dir={folder} is not a folder; give a multirun folder")
     rows = []
-    for path in sorted(folder.rglob("results.json")):
-        results = json.loads(path.read_text())
+    for path in sorted(folder.rglob("results.json"), key=_natural):
+        results = read_results(path)
         rows.append({"run": str(path.parent.relative_to(folder)) or ".",
                      **{key: results.get(key) for key in COLUMNS[1:-1]},
                      "settings": settings(path.parent)})
@@ -66,8 +88,8 @@ def _cell(value: object) -> str:
 def _mean_and_sd(values: list[float]) -> str:
     if not values:
         return " | "
-    spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.fmean(values):.4f} | {spread:.4f}"
+    spread = f"{statistics.stdev(values):.4f}" if len(values) > 1 else ""  # one run: none
+    return f"{statistics.fmean(values):.4f} | {spread}"
 
 
 def markdown(rows: list[dict]) -> str:

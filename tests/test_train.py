@@ -101,6 +101,8 @@ BAD_INPUT = [
     ("huge-data", "values beyond float32's range (+-3.4e38; first at row 17)"),
     ("3d-data", "3 features"),
     ("complex-data", "holds complex128 values, not real numbers"),
+    ("text-npy", "points.npy: not a NumPy .npy file (no .npy header); save the points"),
+    ("object-npy", "points.npy: Object arrays cannot be loaded when allow_pickle=False; save"),
     (["ckpt_path=/no/such/file.ckpt"], "/no/such/file.ckpt"),
     (["ckpt_path=last"], "checkpoints/last.ckpt is not a file"),
     (["+callbacks.evil._target_=subprocess.run"], "_target_=subprocess.run is refused"),
@@ -131,6 +133,13 @@ def bad_input_arguments(overrides, cwd):
         bad = {"nan-data": np.nan, "inf-data": -np.inf, "huge-data": 1e300, "3d-data": None,
                "complex-data": 1j}[overrides]
         data = _file_data(cwd, dims=3 if overrides == "3d-data" else 2, bad=bad)
+        return [*(o for o in FAST if not o.startswith("data.")), *data]
+    if overrides in ("text-npy", "object-npy"):
+        data = _file_data(cwd)  # then overwritten: text, or an array of Python objects
+        if overrides == "text-npy":
+            (cwd / "points.npy").write_text("1.0 2.0\n3.0 4.0\n")
+        else:
+            np.save(cwd / "points.npy", np.array([{"x": 1.0}], dtype=object), allow_pickle=True)
         return [*(o for o in FAST if not o.startswith("data.")), *data]
     if overrides == "unwritable":  # ./outputs is a file: no run folder can be made in it
         (cwd / "outputs").write_text("")
@@ -282,7 +291,7 @@ def test_multirun_sweep_gives_each_job_its_own_folder_and_a_summary(tmp_path):
 
 def test_summary_averages_only_runs_with_the_same_settings(tmp_path):
     runs = [("a", "realnvp", 0, 2.0, None, ["model=realnvp", "seed=0", "optim.lr=0.001"]),
-            ("b", "realnvp", 1, 3.0, None, ["seed=1", "optim.lr=0.001", "model=realnvp"]),
+            ("b", "realnvp", 1, 3.0, None, ["seed=1", "optim.lr=1e-3", "model=realnvp"]),
             ("c", "realnvp", 0, 9.0, None, ["model=realnvp", "seed=0", "optim.lr=0.1"]),
             ("d", "glow", 0, -70.0, 2.5, ["model=glow", "data=digits", "seed=0"]),
             ("e", "glow", 1, -72.0, 2.3, ["model=glow", "data=digits", "seed=1"])]
@@ -294,8 +303,26 @@ def test_summary_averages_only_runs_with_the_same_settings(tmp_path):
         OmegaConf.save(OmegaConf.create(overrides), tmp_path / name / ".hydra" / "overrides.yaml")
     table = summarize(tmp_path)
     assert "| realnvp | moons | 2 | 2.5000 | 0.7071 |  |  | optim.lr=0.001 |" in table
-    assert "| realnvp | moons | 1 | 9.0000 | nan |  |  | optim.lr=0.1 |" in table
+    assert "| realnvp | moons | 1 | 9.0000 |  |  |  | optim.lr=0.1 |" in table  # no spread
     assert "| glow | digits | 2 | -71.0000 | 1.4142 | 2.4000 | 0.1414 |  |" in table
+
+
+def test_summary_orders_jobs_by_number_and_names_a_bad_results_file(tmp_path):
+    for job in (10, 2, 1):
+        (tmp_path / f"{job}-realnvp-moons").mkdir()
+        (tmp_path / f"{job}-realnvp-moons" / "results.json").write_text(
+            json.dumps({"model": "realnvp", "data": "moons", "seed": job, "test_nll": 2.0}))
+    summarize(tmp_path)
+    with open(tmp_path / "summary.csv") as file:
+        assert [row["run"] for row in csv.DictReader(file)] == [
+            "1-realnvp-moons", "2-realnvp-moons", "10-realnvp-moons"]
+    bad = tmp_path / "2-realnvp-moons" / "results.json"
+    for content, expected in (("[1, 2]", "holds a list, not a run's results"),
+                              ("{'model':", "is not valid JSON")):
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=expected) as info:
+            summarize(tmp_path)
+        assert str(bad) in str(info.value)
 
 
 def test_checkpoint_of_another_model_is_refused(trained_run, tmp_path):

@@ -254,7 +254,16 @@ class FileDataModule(PointDataModule):
         if not self.path.is_file():
             raise FileNotFoundError(f"data file {self.path} does not exist; set data.path")
         if self.path.suffix == ".npy":
-            points = np.load(self.path, allow_pickle=False)
+            with open(self.path, "rb") as file:
+                numpy_file = file.read(6) == b"\x93NUMPY"  # the .npy format's magic string
+            try:
+                if not numpy_file:
+                    raise ValueError("not a NumPy .npy file (no .npy header)")
+                points = np.load(self.path, allow_pickle=False)
+            except ValueError as error:  # that, or an object array (pickles are never loaded)
+                raise ValueError(f"{self.path}: {str(error).split('. ')[0]}; save the points "
+                                 f"with numpy.save as a float array of shape (num_points, "
+                                 f"num_features)") from None
         else:
             try:
                 points = np.loadtxt(self.path, ndmin=2,
