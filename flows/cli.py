@@ -321,10 +321,10 @@ def remove_created_run_folder(run_dir: Path) -> None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file, then rename), as standard
+    """Write ``payload`` to ``path`` atomically (a temporary file, then rename), as standard
     JSON: a NaN or infinite number is written as ``null``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writing process
     tmp.write_text(json.dumps(_finite_or_none(payload), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 

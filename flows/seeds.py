@@ -8,6 +8,10 @@ import numpy as np
 # numbers (say dequantisation noise and Hutchinson probes of the same size) read the same bits.
 MODEL_STREAM = 0
 DATA_STREAM = 1
+# Evaluation batches (Hutchinson probes of an i-ResNet's series), seeded by (seed, batch,
+# rank): every validation draws the same probes, and a resumed run tests as an uninterrupted one
+VAL_STREAM = 2
+TEST_STREAM = 3
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = MODEL_STREAM) -> int:

@@ -133,7 +133,8 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
         results.update(status="failed", error=str(error), train_steps=trainer.global_step,
                        skipped_steps=module.skipped_steps,
                        last_good_ckpt=str(last) if last.is_file() else None)
-        write_json(run_dir / "results.json", results)
+        if trainer.is_global_zero:
+            write_json(run_dir / "results.json", results)
         raise
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -170,8 +171,9 @@ def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
         log.warning("the run's %s is not finite: the model puts zero density on some points "
                     "(skipped steps: %d); lower the learning rate or clip gradients",
                     " and ".join(nonfinite), module.skipped_steps)
-    write_json(run_dir / "results.json", results)
-    log.info("results: %s", results)
+    if trainer.is_global_zero:  # under DDP every rank holds the same results
+        write_json(run_dir / "results.json", results)
+        log.info("results: %s", results)
     return results
 
 

@@ -47,6 +47,7 @@ def test_ddp_command_line_writes_one_run_folder_from_rank_zero(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs").rglob("results.json"))
     assert [r.parent.name for r in runs] == ["ddp"]  # no folder from the second process
+    assert (result.stdout + result.stderr).count("results: {") == 1  # rank 0 alone writes
     results = json.loads(runs[0].read_text())
     assert results["num_test"] == 1000  # every test point exactly once over both ranks
     assert results["train_steps"] == 10

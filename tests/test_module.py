@@ -71,6 +71,28 @@ def test_nonfinite_advice_names_the_rate_and_does_not_offer_clipping_twice(tmp_p
     assert advice in message and ("enable gradient clipping" in message) == (clip is None)
 
 
+def test_validation_and_test_of_a_series_logdet_do_not_depend_on_the_generator_state(tmp_path):
+    """The i-ResNet's series log-det draws Hutchinson probes at evaluation: each validation and
+    test batch is seeded, so whatever drew random numbers before (a resumed run's history, a
+    callback) leaves the figures unchanged."""
+    from flows.models.iresnet import IResNet
+
+    flow = IResNet(2, num_blocks=2, hidden_features=16, logdet="series", eval_num_probes=1)
+    module = DensityModule(flow, lambda p: torch.optim.Adam(p, lr=1e-3))
+    fit = trainer(tmp_path, max_steps=2, limit_val_batches=2, limit_test_batches=2)
+    data = small_toy(eval_batch_size=256)
+    fit.fit(module, data)
+    figures = []
+    for state in (1, 2):
+        torch.manual_seed(state)  # another history before each evaluation
+        val = fit.validate(module, data, verbose=False)[0]["val/nll"]
+        fit.test(module, data, verbose=False)
+        figures.append((val, module.test_result["test_nll"]))
+    assert figures[0] == figures[1]
+    probes_matter = flow.log_prob(data.splits["val"][:256]).mean()  # unseeded: other probes
+    assert float(probes_matter) != -figures[0][0]
+
+
 class SteepShift(Bijection):
     """``x + shift`` with log-det ``3e38 * sum(shift)``: a finite loss at ``shift = 0`` whose
     gradient is finite in every element but overflows float32 in its total norm."""

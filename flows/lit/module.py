@@ -18,7 +18,7 @@ from flows.bijections.residual import has_series_logdet
 from flows.compiled_step import CompiledAdamStep, check_supported
 from flows.core import NormalizingFlow, first_nonfinite_bijection
 from flows.metrics import bits_per_dim, bits_per_dim_scale, nll_from_moments, nll_moments
-from flows.seeds import step_seed
+from flows.seeds import TEST_STREAM, VAL_STREAM, step_seed
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -63,7 +63,9 @@ class DensityModule(L.LightningModule):
     Every training step first reseeds torch's global generator (on an accelerator, its
     generators too) from ``(seed, step, rank)`` (``step_seed``), so the randomness drawn
     inside a step (Hutchinson probes, noise) is the same whether or not the run was
-    interrupted and resumed there.
+    interrupted and resumed there; every validation and test batch from ``(seed, batch,
+    rank)`` and its split, so every validation draws the same probes (checkpoints compared on
+    the same draws) and the test is the same after a resume.
 
     Args:
         flow: the model; the only ``nn.Module`` this system owns.
@@ -160,7 +162,16 @@ class DensityModule(L.LightningModule):
         self.skipped_steps = int(counters.get("skipped_steps", 0))
 
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
-        seed = step_seed(self.seed, self.global_step, self.global_rank)
+        self._reseed(step_seed(self.seed, self.global_step, self.global_rank))
+
+    def on_validation_batch_start(self, batch: Tensor, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._reseed(step_seed(self.seed, batch_idx, self.global_rank, VAL_STREAM))
+
+    def on_test_batch_start(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._reseed(step_seed(self.seed, batch_idx, self.global_rank, TEST_STREAM))
+
+    def _reseed(self, seed: int) -> None:
         if self.device.type == "cpu":  # 2 us, where torch.manual_seed takes 0.3 ms
             torch.default_generator.manual_seed(seed)
         else:  # the accelerators' generators as well
