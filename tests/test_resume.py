@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.types import _Stateful
@@ -134,6 +135,21 @@ def test_a_named_run_folder_is_never_overwritten(tmp_path):
     assert missing.returncode == 1
     assert "other/checkpoints/last.ckpt is not a file" in missing.stderr
     assert not (tmp_path / "outputs" / "iresnet-moons" / "other").exists()
+
+
+def test_a_moved_run_folder_resumes_and_tests_its_own_best_checkpoint(tmp_path):
+    short = [*SMALL, "trainer.max_steps=6", "trainer.val_check_interval=3",
+             "callbacks.last_checkpoint.every_n_train_steps=3"]
+    assert run_cli("flows.train", *short, "name=before", cwd=tmp_path).returncode == 0
+    group = tmp_path / "outputs" / "iresnet-moons"
+    first = json.loads((group / "before" / "results.json").read_text())
+    (group / "before").rename(group / "after")
+    (group / "after" / "results.json").unlink()  # as if killed before the end
+    result = run_cli("flows.train", *short, "name=after", "ckpt_path=last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((group / "after" / "results.json").read_text())
+    assert Path(again["best_ckpt"]).parent == group / "after" / "checkpoints"
+    assert again["val_nll"] == first["val_nll"] and again["test_nll"] == first["test_nll"]
 
 
 def test_training_loader_declares_itself_resumable_to_lightning():

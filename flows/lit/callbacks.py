@@ -235,12 +235,40 @@ class FlowDiagnostics(L.Callback):
         module.log_dict(metrics, sync_dist=False, rank_zero_only=True)
 
 
-class LastCheckpoint(ModelCheckpoint):
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose saved state follows its run folder when the folder
+    was moved or copied before a resume.
+
+    The state holds absolute paths (the best checkpoints, the last). Lightning, finding another
+    folder, keeps only the old ``best_model_path``: the resumed run would test the old folder's
+    checkpoint, or fail where it is gone. Here the paths inside the saved folder are read
+    inside this one, and the whole state is restored.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved, now = state_dict.get("dirpath"), self.dirpath
+        if saved is None or now is None or saved == now:
+            return super().load_state_dict(state_dict)
+
+        def moved(path: object) -> object:
+            if isinstance(path, str) and path and Path(path).parent == Path(saved):
+                return str(Path(now) / Path(path).name)
+            return path
+
+        state = {key: moved(value) for key, value in state_dict.items()}
+        state["dirpath"] = now
+        state["best_k_models"] = {moved(path): score for path, score
+                                  in state_dict.get("best_k_models", {}).items()}
+        super().load_state_dict(state)
+
+
+class LastCheckpoint(RunCheckpoint):
     """``last.ckpt`` every ``every_n_train_steps`` steps and once more when training ends.
 
     What ``ckpt_path=last`` resumes from. Lightning's step-triggered ``save_last`` leaves the
-    file up to ``every_n_train_steps - 1`` steps behind the final weights; the extra save at
-    the end makes it the final state whatever the step count. Written through the trainer's
+    file up to ``every_n_train_steps - 1`` steps behind the final weights, and its state from
+    before the last validation; the extra save at the end makes it the final state whatever
+    the step count. Written through the trainer's
     checkpoint IO (atomically, with ``AtomicCheckpointIO``).
 
     Args:
@@ -253,8 +281,9 @@ class LastCheckpoint(ModelCheckpoint):
                          save_top_k=0, save_last=True, enable_version_counter=False)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_global_step_saved:
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
+        # also where the last step was saved already: that save came before the step's
+        # validation, so its record of the best checkpoints lacked the final one
+        trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
 
 
 def warmed_up_decay(decay: float, num_averaged: int) -> float:
