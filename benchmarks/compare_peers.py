@@ -29,7 +29,9 @@ run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
   series at 2, 5, 10 and 20 terms.
 - ``budget``: test NLL (nats, 50,000 test points of flows' toy split, seed s) after
   ``--budget-s`` seconds of training on moons, 8gaussians and checkerboard (``--sets``: any
-  of flows' toy sets; a run adds or replaces its own sets' cells), mean over seeds; exact
+  of flows' toy sets; a run adds or replaces its own sets' cells; a run with another budget,
+  seeds, decay or clip than the stored table's is refused unless ``--fresh-table``), mean
+  over seeds; exact
   log-dets for every i-ResNet evaluated. The budget includes ``torch.compile``'s
   compilation, paid afresh by every run. ``budget-decay``: the same with the learning rate
   decayed linearly to 0 over the budget's wall-clock time. ``budget-ema``: the constant rate,
@@ -298,6 +300,45 @@ def test_nll(candidate: Candidate, test: torch.Tensor) -> float:
     return float(-torch.cat([candidate.log_prob(x) for x in test.split(10_000)]).mean())
 
 
+def budget_builders(clamps: tuple[float, ...] = ()) -> dict:
+    """The cases the budget sections train: ``{case: () -> {name: Candidate}}``."""
+    return {"Real NVP 2-D": lambda: realnvp_candidates(clamps),
+            "i-ResNet 2-D": lambda: iresnet_candidates(series=False)}
+
+
+def check_budget_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           report: dict) -> None:
+    """Refuse, before anything trains, cases without a budget builder, unknown ``--models``
+    and a protocol (budget, seeds, decay, clip) other than that of a stored table, whose
+    cells this run would otherwise drop (``--fresh-table`` starts those tables anew)."""
+    builders = budget_builders()
+    if not set(args.cases) & builders.keys():
+        parser.error(f"the budget sections train only {sorted(builders)}; got --cases "
+                     f"{args.cases}")
+    names = {name for case in args.cases if case in builders for name in builders[case]()}
+    unknown = sorted(set(args.models or ()) - names)
+    if unknown:
+        parser.error(f"--models {unknown}: no such candidate in {args.cases}; choose from "
+                     f"{sorted(names)}")
+    for section in (s for s in args.sections if s.startswith("budget")):
+        key = budget_key(section, args.clip_grad_norm)
+        before, now = report.get(key, {}), budget_protocol(section, args)
+        differs = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        if before.get("nll") and differs and not args.fresh_table:
+            listed = ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in differs.items())
+            parser.error(f"the stored {key!r} table was measured with another protocol "
+                         f"({listed}); its cells cannot stand beside this run's. Rerun with "
+                         f"its protocol, or pass --fresh-table to replace that table")
+
+
+def budget_protocol(section: str, args: argparse.Namespace) -> dict:
+    """What makes a budget table's cells comparable: stored beside them."""
+    ema_decay = args.ema_decay if section == "budget-ema" else None
+    return {"budget_s": args.budget_s, "seeds": args.seeds,
+            **({"ema_decay": ema_decay} if ema_decay else {}),
+            **({"clip_grad_norm": args.clip_grad_norm} if args.clip_grad_norm else {})}
+
+
 def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: list[str],
                    decay: bool, models: list[str] | None = None,
                    ema_decay: float | None = None,
@@ -316,8 +357,7 @@ def budget_section(budget_s: float, seeds: list[int], cases: list[str], sets: li
     library's gradient is clipped to that total norm before each update. ``clamps``: flows'
     compiled step with these log-scale clamps too (``peer_models.realnvp_candidates``).
     """
-    builders = {"Real NVP 2-D": lambda: realnvp_candidates(clamps),
-                "i-ResNet 2-D": lambda: iresnet_candidates(series=False)}
+    builders = budget_builders(clamps)
     report: dict = {}
     for data_name in sets:
         for seed in seeds:
@@ -632,6 +672,9 @@ def main() -> None:
     parser.add_argument("--clip-grad-norm", type=float,
                         help="budget sections: clip every library's gradient to this total "
                              "norm before each update (results kept apart from unclipped ones)")
+    parser.add_argument("--fresh-table", action="store_true",
+                        help="budget sections: replace a stored table measured with another "
+                             "budget, seeds, decay or clip (refused otherwise)")
     parser.add_argument("--ema-decay", type=float, default=0.999,
                         help="budget-ema: the moving average's decay per step")
     parser.add_argument("--sampling-train-s", type=float, default=20.0)
@@ -656,6 +699,8 @@ def main() -> None:
     stem = "compare_peers" + ("" if args.device.type == "cpu" else f"_{args.device.type}")
     path = RESULTS / f"{stem}.json"
     report = json.loads(path.read_text()) if path.exists() else {}
+    if any(section.startswith("budget") for section in args.sections):
+        check_budget_arguments(parser, args, report)
     RESULTS.mkdir(exist_ok=True)
     stamp = machine_stamp(args.threads, args.device)
     for section in args.sections:
@@ -667,14 +712,10 @@ def main() -> None:
             report["memory"] = report.get("memory", {}) | memory_section(args.cases)
         elif section.startswith("budget"):
             key = budget_key(section, args.clip_grad_norm)
-            before = report.get(key, {})
             ema_decay = args.ema_decay if section == "budget-ema" else None
-            protocol = {"budget_s": args.budget_s, "seeds": args.seeds,
-                        **({"ema_decay": ema_decay} if ema_decay else {}),
-                        **({"clip_grad_norm": args.clip_grad_norm} if args.clip_grad_norm
-                           else {})}
-            comparable = all(before.get(k) == v for k, v in protocol.items())
-            nll = before.get("nll", {}) if comparable else {}  # other cells stay
+            protocol = budget_protocol(section, args)
+            # the other cells stay (check_budget_arguments refused another protocol)
+            nll = {} if args.fresh_table else report.get(key, {}).get("nll", {})
             for case, models in budget_section(args.budget_s, args.seeds, args.cases,
                                                args.sets, section == "budget-decay",
                                                args.models, ema_decay,
