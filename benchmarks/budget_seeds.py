@@ -27,7 +27,7 @@ from datetime import date
 
 import numpy as np
 import torch
-from compare_peers import RESULTS, budget_section, machine_line, machine_stamp
+from compare_peers import RESULTS, budget_builders, budget_section, machine_line, machine_stamp
 from peer_models import clamp_variant
 from scipy import stats
 
@@ -103,6 +103,10 @@ def main() -> None:
                         help="flows' compiled step with these log-scale clamps too")
     args = parser.parse_args()
     args.models += [clamp_variant(clamp) for clamp in args.clamps]
+    known = set(budget_builders(tuple(args.clamps))["Real NVP 2-D"]())
+    unknown = sorted(set(args.models) - known)
+    if unknown:  # before the seeds train, not after
+        parser.error(f"--models {unknown}: no such candidate; choose from {sorted(known)}")
     if args.reference not in args.models:
         parser.error(f"--reference {args.reference!r} must be one of --models")
     if len(args.seeds) < 2:

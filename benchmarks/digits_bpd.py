@@ -11,9 +11,9 @@ test images (``results.json``). normflows' Glow
 learned diagonal Gaussian bases) trains in this process for the same budget on the same
 training images and dequantisation scheme, validates every 250 steps and reports the test
 bits/dim of its best validation state. Results go to ``benchmarks/results/digits_bpd.md`` and
-``.json``; rows of earlier runs stay unless the same library, model and seed run again (the
-step times of one run are interleaved only among the models it runs). Run with nothing else
-on the machine: it measures what a wall-clock budget buys.
+``.json``; rows of earlier runs stay unless the same library, model, seed and budget
+(``--minutes``) run again (the step times of one run are interleaved only among the models it
+runs). Run with nothing else on the machine: it measures what a wall-clock budget buys.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from commands import run_command
 from peer_models import flows_image_model, normflows_glow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +43,14 @@ def run_flows(model: str, seed: int, minutes: float) -> dict:
                f"seed={seed}", f"name={name}",
                f"++trainer.max_time={max_time}", "trainer.enable_progress_bar=false"]
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    run_command(command, ROOT)
     total = time.perf_counter() - start
     run = ROOT / "outputs" / f"{model}-digits" / name
     results = json.loads((run / "results.json").read_text())
     evaluation = {}
     if model == "iresnet":  # the stated-accuracy estimate: bias < 1e-4, Monte Carlo SE < 1e-3
         out = run / "evaluation" / "benchmark.json"
-        subprocess.run([sys.executable, "-m", "flows.evaluate", f"ckpt={run}", f"out={out}"],
-                       cwd=ROOT, check=True, capture_output=True)
+        run_command([sys.executable, "-m", "flows.evaluate", f"ckpt={run}", f"out={out}"], ROOT)
         evaluation = json.loads(out.read_text())
         results.update(test_bpd=evaluation["bpd"], test_bpd_se=evaluation["bpd_se"])
         evaluation = {"series_estimate": evaluation["series_estimate"]}
@@ -162,7 +161,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "digits_bpd.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
-        f"# Digits bits/dim after {args.minutes} minutes of training",
+        "# Digits bits/dim after a wall-clock budget of training",
         "",
         f"{date.today()}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. "
@@ -172,8 +171,9 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         f"150 validation, 297 test images, 17 levels; test bits/dim of the best checkpoint "
         f"by validation NLL (standard error over test images in brackets).",
         "",
-        "| library | model | seed | params | steps | ms/step (fit) | ms/step (step) | test bpd |",
-        "|---|---|---|---|---|---|---|---|",
+        "| library | model | seed | minutes | params | steps | ms/step (fit) | ms/step (step) | "
+        "test bpd |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "ms_per_step" not in r:
@@ -181,7 +181,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         se = f" ({r['test_bpd_se']:.3f})" if "test_bpd_se" in r else ""
         extra = f", final {r['final_test_bpd']:.3f}" if "final_test_bpd" in r else ""
         pure = f"{r['step_ms']:.1f}" if "step_ms" in r else ""
-        lines.append(f"| {r['library']} | {r['model']} | {r['seed']} | {r['params']:,} | "
+        lines.append(f"| {r['library']} | {r['model']} | {r['seed']} | {r['minutes']:g} | "
+                     f"{r['params']:,} | "
                      f"{r['steps']} | {r['ms_per_step']:.1f} | {pure} | "
                      f"{r['test_bpd']:.3f}{se}{extra} |")
     for r in rows:
@@ -218,9 +219,13 @@ def main() -> None:
     rows = json.loads(path.read_text()) if path.exists() else []
 
     def add(row: dict) -> None:
-        """Replace the stored row of the same library, model and seed (a re-run)."""
-        key = (row["library"], row["model"], row["seed"])
-        rows[:] = [r for r in rows if (r["library"], r["model"], r["seed"]) != key] + [row]
+        """Replace the stored row of the same library, model, seed and budget (a re-run)."""
+        row = row | {"minutes": args.minutes}
+
+        def key(r: dict) -> tuple:
+            return r["library"], r["model"], r["seed"], r["minutes"]
+
+        rows[:] = [r for r in rows if key(r) != key(row)] + [row]
         print(row, flush=True)
         write(sorted(rows, key=lambda r: r["seed"]), args)
 

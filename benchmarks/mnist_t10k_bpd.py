@@ -34,7 +34,6 @@ import json
 import platform
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from commands import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -86,10 +86,8 @@ def run(model: str, steps: int, seed: int, root: Path, extra: list[str]) -> dict
     command = [sys.executable, "-m", "flows.train", *arguments, f"data.root={root}",
                f"name={name}"]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    run_command(command, ROOT)
     total = time.perf_counter() - start
-    if done.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     folder = next((ROOT / "outputs").glob(f"*-mnist/{name}"))
     results = json.loads((folder / "results.json").read_text())
     if results["status"] != "finished" or "val_bpd" not in results:

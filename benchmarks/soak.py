@@ -89,13 +89,16 @@ def main() -> None:
                     f"{sample['checkpoints']} | {sample['checkpoint_mb']:.2f} | "
                     f"{sample['step']} | {rate} |")
     quarter = max(1, len(samples) // 4)
-    early, late = samples[1: 1 + quarter], samples[-quarter:]
+    early, late = samples[1: 1 + quarter] or samples[:1], samples[-quarter:]
     rss_growth = (sum(s["rss_mb"] for s in late) / len(late)
                   - sum(s["rss_mb"] for s in early) / len(early))
-    rate_ratio = (sum(rates[-quarter:]) / len(rates[-quarter:])) / (sum(rates[:quarter]) / quarter)
+    first_rate = sum(rates[:quarter]) / quarter if rates else 0.0
+    speed = (f"{(sum(rates[-quarter:]) / len(rates[-quarter:])) / first_rate:.3f}"
+             if first_rate > 0 else "not measured (no steps logged in the first quarter; run "
+             "longer)")
     verdict = (f"Resident memory, last quarter minus second-to-(quarter+1)th sample: "
                f"{rss_growth:+.1f} MB. Steps per second, last quarter / first quarter: "
-               f"{rate_ratio:.3f}. Checkpoint files at the end: {samples[-1]['checkpoints']} "
+               f"{speed}. Checkpoint files at the end: {samples[-1]['checkpoints']} "
                f"({samples[-1]['checkpoint_mb']:.2f} MB), at most "
                f"{max(s['checkpoints'] for s in samples)} at any sample.")
     training = " ".join(command[1:]).replace(str(run_dir), "<run>")

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from commands import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def train(model: str, data: str, seed: int, extra: list[str], folder: Path) -> d
                f"seed={seed}", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
                *extra]
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    run_command(command, ROOT)
     results = json.loads((run_dir / "results.json").read_text())
     return results | {"command_s": time.perf_counter() - start, "overrides": " ".join(extra),
                       "command": " ".join(["python -m flows.train", *command[3:6], *extra])}
