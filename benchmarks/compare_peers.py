@@ -693,6 +693,8 @@ def main() -> None:
     if args.memory_child:
         peak_memory_child(*args.memory_child, args.num_terms)
         return
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch finds no CUDA GPU here")
     if args.device.type != "cpu" and not set(args.sections) <= {"steps", "sampling"}:
         parser.error(f"--device {args.device} runs only the steps and sampling sections; "
                      f"run memory and budget on the CPU")

@@ -10,6 +10,8 @@ fixed-point iterations summed over blocks, the largest block residual
 batch. Printed only; the README's GPU section quotes its 2026-11-24 H100 run.
 """
 
+import argparse
+import sys
 import time
 
 import torch
@@ -20,6 +22,9 @@ from flows.runs import use_tf32
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_tf32_inverse.py needs a CUDA GPU; torch finds none here")
     torch.manual_seed(0)
     flow = flows_image_model("iresnet", "digits").cuda()
     x = image_batch("digits").cuda()

@@ -9,6 +9,7 @@ second (where ``torch.compile`` compiles), the mean of 50 more, and an eval log-
 2026-11-24 H100 run.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,8 +30,12 @@ def timed(label: str, work, repeat: int = 1) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["eager", "compile"])
+    compiled = parser.parse_args().mode == "compile"
+    if not torch.cuda.is_available():
+        sys.exit("gpu_toy_iresnet.py needs a CUDA GPU; torch finds none here")
     use_tf32(False)
-    compiled = sys.argv[1] == "compile"
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=["model=iresnet", "data=moons",

@@ -10,8 +10,8 @@ Run: ``python benchmarks/toy_entropy.py [num_samples]`` (about a minute on 2 cor
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -92,4 +92,6 @@ def main(num_samples: int = 1_000_000) -> str:
 
 
 if __name__ == "__main__":
-    print(main(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("num_samples", type=int, nargs="?", default=1_000_000)
+    print(main(parser.parse_args().num_samples))

@@ -150,6 +150,7 @@ BAD_IMAGE_INPUT = [
     (["model=realnvp", "data.shape=[1,9,9]"], "data.shape=[1, 9, 9]"),
     (["model=realnvp", "model.num_scales=5"], "height and width must be even"),
     (["model=glow", "data.num_levels=64"], "num_levels=64 must be in [2, 17]"),
+    (["model=glow", "data.num_levels=0"], "num_levels=0 must be in [2, 17]"),
     (["model=realnvp", "data=mnist", "data.download=false"], "no dataset files in"),
     (["model=realnvp", "trainer.max_steps=-1", "scheduler=cosine"], "scheduler=constant"),
 ]

@@ -327,7 +327,7 @@ class ImageDataModule(PointDataModule):
         self.shape = tuple(shape)
         self.root = root
         self.download = download
-        self.num_levels = int(num_levels or NATIVE_LEVELS[name])
+        self.num_levels = NATIVE_LEVELS[name] if num_levels is None else int(num_levels)
         self.num_val = num_val
         self.num_test = num_test
         self.num_workers = num_workers
