@@ -54,9 +54,9 @@ and ``.md``, in full float32 (TF32 off, as flows' commands run; ``--tf32`` turns
 every library); its step table's memory column is the peak CUDA memory that 5 training steps
 allocate above what is allocated before them (``torch.cuda.max_memory_allocated``).
 
-Checks made on each peer are stated in the notes: does its log-density train (gradient
-reaches the weights), is its reported loss the negative log-likelihood, how does it stop
-its inverse.
+Checks made by hand on each peer, once, are stated in the notes: does its log-density train
+(gradient reaches the weights), is its reported loss the negative log-likelihood, how does it
+stop its inverse. They are not re-checked at run time: a peer's new release needs them again.
 """
 
 from __future__ import annotations
