@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -70,10 +71,17 @@ def check_resumable(checkpoint: Path, flow: NormalizingFlow, ema_decay: float | 
         )
 
 
+THREADS = ((int, type(None)), lambda value: value is None or value >= 1,
+           "give torch's threads for this job, a whole number >= 1, or null for its default")
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trainer]:
     """Data (validated), the system and the trainer, before anything is written."""
     check_config_types(cfg)  # a seed that is not an int fails here, through data.seed
-    check_settings(cfg, {"compile_step": switch("compile_step"), "test": switch("test")})
+    check_settings(cfg, {"compile_step": switch("compile_step"), "test": switch("test"),
+                         "threads": THREADS})
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     use_tf32(cfg.tf32)
     datamodule = instantiate(cfg.data)

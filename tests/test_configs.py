@@ -119,6 +119,17 @@ def test_trainer_callbacks_loggers_instantiate(tmp_path):
     assert instantiate(cfg.scheduler)(instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)]))
 
 
+def test_threads_sets_torchs_intra_op_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        build_from(tmp_path, "threads=1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    build_from(tmp_path, "threads=null")  # torch's default stays
+    assert torch.get_num_threads() == before
+
+
 def test_a_callback_or_logger_set_to_null_is_left_out(tmp_path):
     _, _, trainer = build_from(tmp_path, "callbacks.diagnostics=null", "logger.tensorboard=null")
     kinds = {type(c).__name__ for c in trainer.callbacks}

@@ -120,6 +120,7 @@ BAD_INPUT = [
     (["optim=adamax", "compile_step=true"], "runs Adam or AdamW, got Adamax"),
     (["compile_step=yes"], "compile_step='yes': use compile_step=true or compile_step=false"),
     (["test=maybe"], "test='maybe': use test=true or test=false"),
+    (["threads=0"], "threads=0: give torch's threads for this job, a whole number >= 1"),
     (["name="], "name='' must be a plain folder name"),
     (["name=../elsewhere"], "name='../elsewhere' must be a plain folder name"),
     (["trainer.precision=bf16-true", "compile_step=true"], "use trainer.precision=32-true"),
