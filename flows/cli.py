@@ -302,13 +302,18 @@ class CheckRunFolder(Callback):
         record_new_folders(Path(config.hydra.sweep.dir))
 
 
-def remove_created_run_folder(run_dir: Path) -> None:
-    """After refused input: delete ``run_dir`` if this command created it (recorded by
-    ``resolve_run_dir`` or ``CheckRunFolder``) and it holds only what Hydra wrote
-    (``.hydra/``, ``train.log``), then its parents that this command created and that are left
-    empty. A folder that existed before (a custom ``hydra.run.dir``, a resumed run) stays."""
-    if not _is_new(run_dir) or {path.name for path in run_dir.iterdir()} - {".hydra",
-                                                                          "train.log"}:
+def remove_created_run_folder(run_dir: Path, fit_started: bool = False) -> None:
+    """After refused input: delete ``run_dir`` if this command created it and it holds only
+    what Hydra wrote (``.hydra/``, ``train.log``) or, once the fit has started (a schedule
+    refused as the fit starts), nothing that training writes (no ``checkpoints/`` or
+    ``results.json``; the loggers' first files go too), then its parents that this command
+    created and that are left empty. A folder that existed before (a custom
+    ``hydra.run.dir``, a resumed run) stays."""
+    if not _is_new(run_dir):
+        return
+    held = {path.name for path in run_dir.iterdir()}
+    if (held & {"checkpoints", "results.json"}) if fit_started else (held - {".hydra",
+                                                                           "train.log"}):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     for parent in Path(os.path.abspath(run_dir)).parents:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from flows.cli import (
     check_config_types,
@@ -32,6 +35,7 @@ from flows.core import NormalizingFlow
 from flows.data.entropy import TOY_ENTROPY
 from flows.lit.callbacks import EMAWeights
 from flows.lit.module import DensityModule, NonFiniteError
+from flows.lit.schedules import ScheduleError, build_schedule
 from flows.metrics import bits_per_dim
 from flows.runs import device_name, flow_weights, read_checkpoint, use_tf32
 
@@ -90,15 +94,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
     flow.check_input(datamodule.splits["train"][:2])
     optimizer = instantiate(cfg.optim)
     try:
-        optimizer(flow.parameters())  # its own checks (a negative lr, ...), before any run
+        probe = optimizer(flow.parameters())  # its own checks (a negative lr, ...), up front
     except ValueError as error:
         raise ValueError(f"optim ({cfg.optim._target_}): {error}") from None
-    if cfg.get("scheduler") and cfg.scheduler.get("T_max", 1) < 1:
-        raise ValueError(
-            f"scheduler.T_max={cfg.scheduler.T_max}: the cosine schedule needs the number of "
-            f"steps (trainer.max_steps > 0); with a time budget (trainer.max_time) use "
-            f"scheduler=constant"
-        )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DensityModule(flow, optimizer, scheduler, seed=cfg.seed,
                            on_nonfinite=cfg.on_nonfinite,
@@ -116,9 +114,22 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
             f"under {trainer.world_size} processes (DDP); use on_nonfinite=stop, which stops "
             f"with the last good checkpoint"
         )
+    if scheduler is not None:
+        check_schedule(scheduler, probe, trainer)
     if cfg.compile_step:
         module.check_compile_step(trainer)
     return datamodule, module, trainer
+
+
+def check_schedule(scheduler: Callable[..., LRScheduler], optimizer: Optimizer,
+                   trainer: L.Trainer) -> None:
+    """Build the schedule once on a throwaway optimizer where the run's length is known before
+    the fit (``trainer.max_steps`` alone, or no limit at all), so that a warmup as long as the
+    run or a decay over an unbounded run is refused before anything is written. An epoch limit
+    is counted in steps only when the fit starts (``DensityModule.configure_optimizers``)."""
+    if trainer.max_epochs not in (None, -1):
+        return
+    build_schedule(scheduler, optimizer, trainer.max_steps if trainer.max_steps > 0 else math.inf)
 
 
 def fit_and_test(cfg: DictConfig, run_dir: Path, ckpt_path: str | None,
@@ -199,7 +210,11 @@ def main(cfg: DictConfig) -> float | None:
         remove_created_run_folder(run_dir)
         raise
     with user_errors():
-        results = fit_and_test(cfg, run_dir, ckpt_path, *parts)
+        try:
+            results = fit_and_test(cfg, run_dir, ckpt_path, *parts)
+        except ScheduleError:  # raised as the fit starts, before the first step
+            remove_created_run_folder(run_dir, fit_started=True)
+            raise
     return results.get("test_nll")
 
 

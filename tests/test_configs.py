@@ -10,6 +10,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from flows.lit.schedules import build_schedule
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 # glow's vector entry only exists to fail with a clear message
@@ -103,7 +105,7 @@ def test_experiment_configs_instantiate(experiment):
     # the schedule builds for the experiment's own run length (warmup_cosine refuses a warmup
     # as long as the run) and starts at a positive rate no higher than the configured one
     optimizer = instantiate(cfg.optim)(flow.parameters())
-    instantiate(cfg.scheduler)(optimizer)
+    build_schedule(instantiate(cfg.scheduler), optimizer, cfg.trainer.max_steps)
     assert 0 < optimizer.param_groups[0]["lr"] <= cfg.optim.lr
 
 
@@ -116,7 +118,8 @@ def test_trainer_callbacks_loggers_instantiate(tmp_path):
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     assert trainer.max_steps == cfg.trainer.max_steps
-    assert instantiate(cfg.scheduler)(instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)]))
+    optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
+    assert build_schedule(instantiate(cfg.scheduler), optimizer, trainer.max_steps)
 
 
 def test_threads_sets_torchs_intra_op_threads(tmp_path):

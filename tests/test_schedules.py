@@ -6,8 +6,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from flows.lit.schedules import warmup_cosine
-from tests.test_configs import EXPERIMENTS, compose_train
+from flows.lit.schedules import (
+    NO_RUN_LENGTH,
+    ScheduleError,
+    build_schedule,
+    cosine,
+    warmup_cosine,
+)
+from tests.test_configs import EXPERIMENTS, build_from, compose_train
 
 
 def rates(scheduler, optimizer, steps):
@@ -18,6 +24,30 @@ def rates(scheduler, optimizer, steps):
         optimizer.step()
         scheduler.step()
     return used
+
+
+def config_schedule(cfg, optimizer):
+    """The config's schedule over its ``trainer.max_steps``, as the trainer builds it."""
+    return build_schedule(instantiate(cfg.scheduler), optimizer, cfg.trainer.max_steps)
+
+
+def test_cosine_to_zero():
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    used = rates(cosine(optimizer, total_steps=8), optimizer, 9)
+    expected = [2e-3 * (1 + math.cos(math.pi * t / 8)) / 2 for t in range(9)]
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert used[8] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_schedule_gets_the_run_length_only_if_it_takes_one():
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    constant = instantiate(compose_train("scheduler=constant").scheduler)
+    assert rates(build_schedule(constant, optimizer, math.inf), optimizer, 3) == [1e-3] * 3
+    for scheduler in ("cosine", "warmup_cosine"):
+        factory = instantiate(compose_train(f"scheduler={scheduler}").scheduler)
+        with pytest.raises(ScheduleError, match="no step or epoch limit") as refused:
+            build_schedule(factory, optimizer, math.inf)
+        assert str(refused.value) == NO_RUN_LENGTH
 
 
 def test_warmup_then_cosine_to_zero():
@@ -50,7 +80,7 @@ def test_resumed_schedule_continues():
 @pytest.mark.parametrize(("warmup", "total"), [(0, 10), (10, 10), (20, 10)])
 def test_bad_warmup_is_refused(warmup, total):
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    with pytest.raises(ValueError, match="need 1 <= warmup_steps < total_steps.*max_steps"):
+    with pytest.raises(ScheduleError, match="need 1 <= warmup_steps < total_steps.*max_steps"):
         warmup_cosine(optimizer, warmup_steps=warmup, total_steps=total)
 
 
@@ -58,7 +88,7 @@ def test_config_warms_up_over_the_run():
     cfg = compose_train("scheduler=warmup_cosine", "trainer.max_steps=3000")
     optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
     base = optimizer.param_groups[0]["lr"]
-    used = rates(instantiate(cfg.scheduler)(optimizer), optimizer, 3001)
+    used = rates(config_schedule(cfg, optimizer), optimizer, 3001)
     assert used[0] == pytest.approx(base / 1000) and used[999] == pytest.approx(base)
     assert used[3000] == pytest.approx(0.0, abs=1e-12)
 
@@ -79,7 +109,7 @@ def test_paper_experiment_runs_without_its_warmup(experiment, scheduler):
     cfg = compose_train(f"experiment={experiment}", f"scheduler={scheduler}")
     optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
     base = optimizer.param_groups[0]["lr"]
-    used = rates(instantiate(cfg.scheduler)(optimizer), optimizer, 2)
+    used = rates(config_schedule(cfg, optimizer), optimizer, 2)
     assert used[0] == pytest.approx(base)
 
 
@@ -91,7 +121,7 @@ def test_paper_experiment_warmup_shortened(override):
     cfg = compose_train("experiment=iresnet_mnist", "trainer.max_steps=60", override)
     optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
     base = optimizer.param_groups[0]["lr"]
-    used = rates(instantiate(cfg.scheduler)(optimizer), optimizer, 32)
+    used = rates(config_schedule(cfg, optimizer), optimizer, 32)
     assert used[0] == pytest.approx(base / 30) and used[28] == pytest.approx(base * 29 / 30)
     assert used[29] == used[30] == pytest.approx(base)
     assert used[31] == pytest.approx(base * (1 + math.cos(math.pi / 30)) / 2)
@@ -103,7 +133,7 @@ def test_paper_experiment_keeps_its_warmup():
     cfg = compose_train("experiment=glow_mnist")
     optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
     base = optimizer.param_groups[0]["lr"]
-    used = rates(instantiate(cfg.scheduler)(optimizer), optimizer, 8600)
+    used = rates(config_schedule(cfg, optimizer), optimizer, 8600)
     assert used[0] == pytest.approx(base / 8600) and used[8599] == pytest.approx(base)
     assert used[8598] == pytest.approx(base * 8599 / 8600)
 
@@ -119,3 +149,21 @@ def test_resume_refuses_another_warmup(tmp_path):
                               tmp_path / ".hydra" / "config.yaml")
     check_resume_settings(saved, compose_train("experiment=iresnet_mnist"),
                           tmp_path / ".hydra" / "config.yaml")
+
+
+@pytest.mark.parametrize(("limits", "steps"), [
+    (["trainer.max_steps=-1", "trainer.max_epochs=2"], 16),  # 2 epochs of 2048 // 256
+    (["trainer.max_steps=3000", "trainer.max_epochs=1"], 8),  # the epoch ends the run first
+    (["trainer.max_steps=5", "trainer.max_epochs=1"], 5),  # the steps end it first
+])
+def test_schedule_decays_over_the_steps_the_run_takes(tmp_path, limits, steps):
+    """The cosine's length is the number of steps the run takes, whichever limit ends it, so
+    the rate has decayed to 0 when it ends."""
+    datamodule, module, trainer = build_from(
+        tmp_path, *limits, "data.num_train=2048", "data.num_val=256", "data.num_test=256",
+        "data.batch_size=256", "callbacks=none", "logger=csv", "test=false",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == steps
+    assert trainer.lr_scheduler_configs[0].scheduler.T_max == steps
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)

@@ -124,6 +124,11 @@ BAD_INPUT = [
     (["name="], "name='' must be a plain folder name"),
     (["name=../elsewhere"], "name='../elsewhere' must be a plain folder name"),
     (["trainer.precision=bf16-true", "compile_step=true"], "use trainer.precision=32-true"),
+    (["trainer.max_steps=-1"], "no step or epoch limit (trainer.max_steps and"),
+    (["scheduler=warmup_cosine", "warmup_steps=30"], "warmup_steps=30 for a run of 30 training"),
+    # an epoch limit is counted in steps as the fit starts: 4096 // 256 = 16 steps an epoch
+    (["trainer.max_steps=-1", "trainer.max_epochs=1", "scheduler=warmup_cosine",
+      "warmup_steps=16"], "warmup_steps=16 for a run of 16 training steps"),
 ]
 
 

@@ -17,11 +17,12 @@ from torch.optim.lr_scheduler import LRScheduler
 from flows.bijections.residual import has_series_logdet
 from flows.compiled_step import CompiledAdamStep, check_supported
 from flows.core import NormalizingFlow, first_nonfinite_bijection
+from flows.lit.schedules import build_schedule
 from flows.metrics import bits_per_dim, bits_per_dim_scale, nll_from_moments, nll_moments
 from flows.seeds import TEST_STREAM, VAL_STREAM, step_seed
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-SchedulerFactory = Callable[[Optimizer], LRScheduler]
+SchedulerFactory = Callable[..., LRScheduler]
 
 
 class NonFiniteError(FloatingPointError):
@@ -70,7 +71,9 @@ class DensityModule(L.LightningModule):
     Args:
         flow: the model; the only ``nn.Module`` this system owns.
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
-        scheduler: ``optimizer -> LRScheduler`` stepped every training step, or ``None``.
+        scheduler: ``(optimizer, total_steps) -> LRScheduler`` stepped every training step,
+            given the number of steps the trainer will run (``build_schedule``; one without
+            ``total_steps`` is called with the optimizer alone), or ``None``.
         seed: the run's seed, for the per-step seeds.
         on_nonfinite: ``"stop"`` or ``"skip"``.
         num_levels: quantisation levels of the data (images), ``None`` for continuous data.
@@ -333,6 +336,7 @@ class DensityModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.flow.parameters())
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = build_schedule(self.scheduler_factory, optimizer,
+                                   self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
