@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 from lightning.fabric.utilities.types import _Stateful
 
 from flows.data.datamodules import ToyDataModule
 from tests.conftest import CLI_ENV, run_cli
+from tests.test_configs import build_from
 
 # A small i-ResNet with the Hutchinson series log-det: training draws random probes every
 # step, and the spectral norms keep power-iteration buffers: both must survive a restart.
@@ -159,3 +162,56 @@ def test_training_loader_declares_itself_resumable_to_lightning():
     data.setup()
     assert isinstance(data.train_dataloader(), _Stateful)
     assert len(list(data.train_dataloader())) == 4
+
+
+class KilledInValidation(Exception):
+    """Stands for a kill while the validation after a step runs."""
+
+
+class ValidationLog(L.Callback):
+    """The steps validated (sanity check aside); raises ``KilledInValidation`` as the
+    validation after step ``kill_at`` starts."""
+
+    def __init__(self, kill_at=None):
+        self.kill_at, self.steps = kill_at, []
+
+    def on_validation_start(self, trainer, module):
+        if not trainer.sanity_checking and trainer.global_step == self.kill_at:
+            raise KilledInValidation
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("kill_at", [32, 48])
+def test_a_kill_during_a_validation_that_follows_a_last_save_is_validated_on_resume(
+        tmp_path, kill_at):
+    """Steps 16, 32 and 48 end an epoch (4096 / 256 points) and are due a ``last.ckpt``. A kill
+    while step 32's or the final step 48's validation runs: the resumed run validates that
+    step, and its best checkpoints are the uninterrupted run's. (Lightning resumes a
+    checkpoint written at a step's end as if that step's validation had run, and skipped it.)
+    """
+    overrides = ["data.num_train=4096", "data.num_val=512", "data.num_test=512",
+                 "data.batch_size=256", "trainer.max_steps=48",
+                 "callbacks.last_checkpoint.every_n_train_steps=16", "callbacks.plots=null",
+                 "callbacks.diagnostics=null", "logger=csv", "test=false",
+                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+    def fit(folder, log, ckpt_path=None):
+        datamodule, module, trainer = build_from(folder, *overrides)
+        trainer.callbacks.append(log)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return sorted(p.name for p in (folder / "checkpoints").glob("best-*"))
+
+    whole = ValidationLog()
+    uninterrupted = fit(tmp_path / "whole", whole)
+    assert whole.steps == [16, 32, 48]
+    killed = ValidationLog(kill_at)
+    with pytest.raises(KilledInValidation):
+        fit(tmp_path / "killed", killed)
+    assert killed.steps == [16, 32, 48][:[16, 32, 48].index(kill_at)]
+    resumed = ValidationLog()
+    assert fit(tmp_path / "killed", resumed,
+               str(tmp_path / "killed" / "checkpoints" / "last.ckpt")) == uninterrupted
+    assert resumed.steps[0] == kill_at and resumed.steps[-1] == 48

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from flows.bijections.residual import ResidualBlock
 from flows.diagnostics import reconstruction_error, residual_lipschitz_bounds, saturated_scales
+from flows.lit.module import ends_training
 from flows.plots import (
     density_grid,
     image_grid,
@@ -265,10 +266,13 @@ class RunCheckpoint(ModelCheckpoint):
 class LastCheckpoint(RunCheckpoint):
     """``last.ckpt`` every ``every_n_train_steps`` steps and once more when training ends.
 
-    What ``ckpt_path=last`` resumes from. Lightning's step-triggered ``save_last`` leaves the
-    file up to ``every_n_train_steps - 1`` steps behind the final weights, and its state from
-    before the last validation; the extra save at the end makes it the final state whatever
-    the step count. Written through the trainer's
+    What ``ckpt_path=last`` resumes from. A save due at a step that a validation follows is
+    made when that validation ends: Lightning resumes a checkpoint written at a step's end as
+    if its validation had run, so a kill during the validation would lose it for good (a
+    resumed run never validated that step, and its weights were never a candidate for the
+    best checkpoint). Lightning's step-triggered ``save_last`` also leaves the file up to
+    ``every_n_train_steps - 1`` steps behind the final weights; the extra save at the end
+    makes it the final state whatever the step count. Written through the trainer's
     checkpoint IO (atomically, with ``AtomicCheckpointIO``).
 
     Args:
@@ -279,11 +283,37 @@ class LastCheckpoint(RunCheckpoint):
     def __init__(self, dirpath: str, every_n_train_steps: int = 200) -> None:
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps,
                          save_top_k=0, save_last=True, enable_version_counter=False)
+        self._save_after_validation = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule,
+                           outputs: object, batch: object, batch_idx: int) -> None:
+        if trainer.global_step % self._every_n_train_steps == 0 and validation_follows(
+                trainer, batch_idx):
+            self._save_after_validation = True
+            return
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._save_after_validation and not trainer.sanity_checking:
+            self._save_after_validation = False
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_validation_end(trainer, module)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # also where the last step was saved already: that save came before the step's
         # validation, so its record of the best checkpoints lacked the final one
         trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
+
+
+def validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether Lightning validates after the training step just taken: its own test (every
+    ``val_check_interval`` steps, epoch ends) or the run's last step (``ends_training``),
+    which ``DensityModule`` stops at, after the callbacks' batch-end hooks have run."""
+    loop = trainer.fit_loop
+    return ends_training(trainer, batch_idx) or loop.epoch_loop._should_check_val_fx(
+        loop._data_fetcher)
 
 
 def warmed_up_decay(decay: float, num_averaged: int) -> float:

@@ -25,6 +25,15 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
 
 
+def ends_training(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the training step just taken (batch ``batch_idx`` of the epoch) is the run's
+    last by its limits: ``trainer.max_steps`` reached, or the last batch of the last of
+    ``trainer.max_epochs`` epochs. ``DensityModule`` stops there, so a validation follows."""
+    last_epoch = 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
+    return (0 < trainer.max_steps <= trainer.global_step
+            or last_epoch and batch_idx + 1 >= trainer.num_training_batches)
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced a NaN or inf loss or gradient; the message names the step and layer."""
 
@@ -187,9 +196,7 @@ class DensityModule(L.LightningModule):
         # it validate there; the same for the last batch of the last epoch (image configs
         # validate every val_check_interval steps, not at epoch ends).
         trainer = self.trainer
-        last_epoch = 0 < (trainer.max_epochs or 0) <= self.current_epoch + 1
-        if (0 < trainer.max_steps <= self.global_step
-                or last_epoch and batch_idx + 1 >= trainer.num_training_batches):
+        if ends_training(trainer, batch_idx):
             trainer.should_stop = True
         # Lightning validates a stopping step (ours, max_time's) only in an epoch that
         # check_val_every_n_epoch selects; lifting it for the step where the run really ends
