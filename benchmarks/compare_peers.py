@@ -1,7 +1,7 @@
 """flows against peer libraries on the same architectures: step time, memory, NLL per second.
 
     pip install -e ".[bench]"          # normflows, nflows, zuko, FrEIA (this benchmark only)
-    python benchmarks/compare_peers.py [--sections steps memory budget sampling] [--cases ...]
+    python benchmarks/compare_peers.py [--sections check steps memory budget sampling] [--cases ...]
         [--rounds 7] [--steps 20] [--budget-s 60] [--seeds 0 1 2] [--sets moons ...]
     python benchmarks/compare_peers.py --device cuda --sections steps sampling   # on a GPU
 
@@ -16,6 +16,13 @@ implementation for every library (flows' configs use it).
 Sections, each written into ``benchmarks/results/compare_peers.json`` (merged, so sections can
 run separately) and the Markdown table ``compare_peers.md`` regenerated from it:
 
+- ``check`` (the 2-D cases): does each model train the likelihood? After ``--check-steps``
+  training steps, its log-density and that log-density's gradient to the weights against the
+  exact change of variables of its own map x -> z (``likelihood_check.py``): the gap to the
+  exact log-density, the share of the exact log-det's gradient it carries, the gradient's
+  error. A peer found not to train it does not count as the fastest peer in the targets
+  table. Where a case was not checked (the images), the notes hold what was checked by hand,
+  once: a peer's new release needs that again.
 - ``steps``: forward + backward + ``optimizer.step()`` (and normflows' Lipschitz upkeep),
   every model of a case interleaved in rounds with 2 torch threads; the median over rounds
   of the mean step time, and the ratio to the fastest flows variant taken round by round
@@ -53,10 +60,6 @@ moved there, timers read after ``torch.cuda.synchronize()``) into ``compare_peer
 and ``.md``, in full float32 (TF32 off, as flows' commands run; ``--tf32`` turns it on for
 every library); its step table's memory column is the peak CUDA memory that 5 training steps
 allocate above what is allocated before them (``torch.cuda.max_memory_allocated``).
-
-Checks made by hand on each peer, once, are stated in the notes: does its log-density train
-(gradient reaches the weights), is its reported loss the negative log-likelihood, how does it
-stop its inverse. They are not re-checked at run time: a peer's new release needs them again.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from likelihood_check import SHARE_TOLERANCE, likelihood_check
 from peer_models import Candidate, image_candidates, iresnet_candidates, realnvp_candidates
 
 from flows.data.toy import TOY_DATASETS
@@ -81,7 +85,8 @@ from flows.lit.callbacks import warmed_up_decay
 from flows.runs import use_tf32
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("steps", "memory", "budget", "budget-decay", "budget-ema", "sampling")
+SECTIONS = ("check", "steps", "memory", "budget", "budget-decay", "budget-ema", "sampling")
+CHECKED_CASES = ("Real NVP 2-D", "i-ResNet 2-D")  # 2-D: the exact log-det of every model
 TOY_SETS = ("moons", "8gaussians", "checkerboard")
 SERIES_SWEEP = "memory/i-ResNet 2-D series terms"  # its machine stamp's key
 
@@ -224,6 +229,33 @@ def time_steps(case: str, rounds: int, steps: int, device: torch.device) -> list
         for row in rows:
             row["cuda_peak_mib"] = cuda_peak_mib(steppers[row["library"]], x)
     return rows
+
+
+def check_section(cases: list[str], steps: int, draws: int) -> dict:
+    """``likelihood_check`` of every model of the 2-D ``cases`` after ``steps`` training steps
+    (the case's batches of 512 moons points and rate, from seed 0), on 256 test points: at
+    initialisation most models are near the identity, where a missing log-det gradient
+    hardly shows."""
+    train, test = toy_splits("moons", 0)
+    checked = {}
+    for case in (c for c in cases if c in CHECKED_CASES):
+        candidates, _ = build_on(case, torch.device("cpu"))
+        checked[case] = {}
+        for name, candidate in candidates.items():
+            step = trainer(candidate, CASES[case][2])
+            for i in range(steps):
+                step(train[i * 512 % len(train):][:512])
+            result = likelihood_check(candidate.log_prob, candidate.encode, candidate.model,
+                                      test[:256], draws)
+            print(f"check {case} | {name}: {result}", flush=True)
+            checked[case][name] = {**result, "train_steps": steps, "points": 256}
+    return checked
+
+
+def trains_likelihood(report: dict, case: str, name: str) -> bool:
+    """The ``check`` section's verdict on a model; ``True`` where it was not checked."""
+    result = report.get("check", {}).get(case, {}).get(name)
+    return result is None or result["trains_likelihood"]
 
 
 def paired_ratio_percentiles(times: list[float], reference: list[float]) -> list[float]:
@@ -552,15 +584,17 @@ def machine_line(report: dict, key: str) -> list[str]:
             f"float32 matmul {stamp['matmul_gflops']:.0f} GFLOP/s (2048^3).", ""]
 
 
-def target_table(steps: dict) -> list[str]:
+def target_table(report: dict) -> list[str]:
     """Markdown rows for ``PAIRS``: flows' step time over the fastest listed peer's, the median
     over rounds of the ratio and its quartiles, taken round by round (cases measured before
-    per-round times were kept are left out)."""
+    per-round times were kept are left out). A peer the ``check`` section found not training
+    the likelihood does not count."""
     lines = []
+    steps = report.get("steps", {})
     for case, pairs in PAIRS.items():
         rows = {r["library"]: r for r in steps.get(case, []) if "ms_rounds" in r}
         for ours, peers, target in pairs:
-            present = [p for p in peers if p in rows]
+            present = [p for p in peers if p in rows and trains_likelihood(report, case, p)]
             if ours not in rows or not present:
                 continue
             peer = min(present, key=lambda p: rows[p]["ms_per_step"])
@@ -583,12 +617,42 @@ def budget_key(section: str, clip_grad_norm: float | None) -> str:
     return section if clip_grad_norm is None else f"{section}, clip {clip_grad_norm:g}"
 
 
+def check_table(report: dict) -> list[str]:
+    """The ``check`` section: each 2-D model's log-density and gradient against the exact."""
+    check = report.get("check")
+    if not check:
+        return []
+    protocols = {(r["train_steps"], r["points"], r["draws"]) for models in check.values()
+                 for r in models.values()}
+    protocol = "; ".join(f"{s} training steps, {p} test points, {d} draws"
+                         for s, p, d in sorted(protocols))
+    lines = [f"## Does each model train the likelihood? ({protocol})", "",
+             *machine_line(report, "check"),
+             "Against the exact change of variables of the model's own map x -> z "
+             "(`likelihood_check.py`): the gap of its log-density to the exact one (nats per "
+             "point; 0 where the loss is the NLL), the share of the exact log-det's gradient "
+             "its gradient carries (1: the log-det trains the weights; 0: it passes them "
+             "none), and the relative error of its mean gradient with that mean's standard "
+             f"error. Counted as training the likelihood when the share is within "
+             f"{SHARE_TOLERANCE} of 1.", "",
+             "| case | library | log-density gap | log-det gradient share | gradient error "
+             "(noise) | trains the likelihood |", "|---|---|---|---|---|---|"]
+    for case, models in check.items():
+        for name, r in models.items():
+            lines.append(f"| {case} | {name} | {r['value_gap']:+.2g} | "
+                         f"{r['logdet_gradient_share']:.3f} | {r['gradient_error']:.2g} "
+                         f"({r['gradient_noise']:.2g}) | "
+                         f"{'yes' if r['trains_likelihood'] else '**no**'} |")
+    return [*lines, ""]
+
+
 def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
     lines = [f"# flows against peer libraries ({date.today()})", "",
              f"torch {torch.__version__}; `python benchmarks/compare_peers.py` (sections as "
              f"below; the method is in the script's docstring). Compare ratios within a table: "
              f"tables measured on different machines differ in absolute times.", ""]
-    lines += target_table(report.get("steps", {}))
+    lines += target_table(report)
+    lines += check_table(report)
     for case, rows in report.get("steps", {}).items():
         lines += [f"## Step time: {case}", "", *machine_line(report, f"steps/{case}"),
                   "| library | ms/step | ratio to flows (per-round median, quartiles) | "
@@ -678,6 +742,10 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999,
                         help="budget-ema: the moving average's decay per step")
     parser.add_argument("--sampling-train-s", type=float, default=20.0)
+    parser.add_argument("--check-steps", type=int, default=100,
+                        help="check: training steps before each model's likelihood check")
+    parser.add_argument("--check-draws", type=int, default=16,
+                        help="check: calls of each model's log_prob, averaged")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
                         help="cuda: the steps and sampling sections on a GPU, into "
@@ -697,7 +765,7 @@ def main() -> None:
         parser.error("--device cuda: torch finds no CUDA GPU here")
     if args.device.type != "cpu" and not set(args.sections) <= {"steps", "sampling"}:
         parser.error(f"--device {args.device} runs only the steps and sampling sections; "
-                     f"run memory and budget on the CPU")
+                     f"run check, memory and budget on the CPU")
     stem = "compare_peers" + ("" if args.device.type == "cpu" else f"_{args.device.type}")
     path = RESULTS / f"{stem}.json"
     report = json.loads(path.read_text()) if path.exists() else {}
@@ -706,7 +774,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stamp = machine_stamp(args.threads, args.device)
     for section in args.sections:
-        if section == "steps":
+        if section == "check":
+            report["check"] = report.get("check", {}) | check_section(
+                args.cases, args.check_steps, args.check_draws)
+        elif section == "steps":
             report["steps"] = report.get("steps", {}) | {
                 case: time_steps(case, args.rounds, args.steps, args.device)
                 for case in args.cases}

@@ -35,6 +35,9 @@ class Candidate:
     # compiled step) in place of forward, backward, gradient clipping and optimizer.step()
     make_step: Callable[[torch.optim.Optimizer, float | None],
                         Callable[[Tensor], object]] | None = None
+    # x -> z, the map whose change of variables log_prob claims (2-D cases): what
+    # likelihood_check differentiates for the exact log-density
+    encode: Callable[[Tensor], Tensor] | None = None
 
 
 def mlp(n_in: int, n_out: int) -> nn.Module:
@@ -44,12 +47,14 @@ def mlp(n_in: int, n_out: int) -> nn.Module:
 
 
 def _flows(flow: nn.Module, note: str = "") -> Candidate:
-    return Candidate(flow.log_prob, flow, flow.sample, note)
+    return Candidate(flow.log_prob, flow, flow.sample, note,
+                     encode=lambda x: flow.transform(x)[0])
 
 
 def _normflows(model: nn.Module, note: str, after_step=lambda: None) -> Candidate:
+    """normflows lists its layers in the sampling direction: ``inverse`` maps x -> z."""
     return Candidate(model.log_prob, model, lambda n: model.sample(n)[0], note,
-                     after_step)
+                     after_step, encode=model.inverse)
 
 
 def _freia(inn: nn.Module, features: int, note: str) -> Candidate:
@@ -61,7 +66,7 @@ def _freia(inn: nn.Module, features: int, note: str) -> Candidate:
         anchor = next(inn.parameters())
         return inn(torch.randn(n, features, device=anchor.device, dtype=anchor.dtype),
                    rev=True)[0]
-    return Candidate(log_prob, inn, sample, note)
+    return Candidate(log_prob, inn, sample, note, encode=lambda x: inn(x)[0])
 
 
 def clamp_variant(clamp: float) -> str:
@@ -86,7 +91,8 @@ def realnvp_candidates(clamps: tuple[float, ...] = ()) -> dict[str, Candidate]:
         fused = realnvp(False, **clamp)
         return Candidate(
             fused.log_prob, fused, fused.sample, note + "; loss, gradient and Adam in one graph",
-            make_step=lambda optimizer, clip: CompiledAdamStep(fused, optimizer, clip))
+            make_step=lambda optimizer, clip: CompiledAdamStep(fused, optimizer, clip),
+            encode=lambda x: fused.transform(x)[0])
 
     note = "exp of soft-clamped s"
     cases = {"flows": _flows(realnvp(False), note),
@@ -124,13 +130,15 @@ def realnvp_candidates(clamps: tuple[float, ...] = ()) -> dict[str, Candidate]:
                                           ContextFree) for i in range(8)]
     flow = Flow(CompositeTransform(transforms), StandardNormal([2]))
     cases["nflows"] = Candidate(flow.log_prob, flow, flow.sample,
-                                "scale sigmoid(s + 2): can only shrink")
+                                "scale sigmoid(s + 2): can only shrink",
+                                encode=flow.transform_to_noise)
 
     import zuko
 
     lazy = zuko.flows.RealNVP(2, transforms=8, hidden_features=(128, 128))
     cases["zuko"] = Candidate(lambda v: lazy().log_prob(v), lazy,
-                              lambda n: lazy().sample((n,)), "exp of soft-clamped s")
+                              lambda n: lazy().sample((n,)), "exp of soft-clamped s",
+                              encode=lambda v: lazy().transform(v))
 
     import FrEIA.framework as Ff
     import FrEIA.modules as Fm
@@ -188,6 +196,9 @@ def iresnet_candidates(series: bool = True) -> dict[str, Candidate]:
         model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), layers)
         cases[name] = _normflows(model, note,
                                  lambda model=model: nf.utils.update_lipschitz(model, 5))
+        # x -> z by each block's x + g(x): its memory-saving estimator's autograd Function
+        # modifies saved tensors in place, so ``inverse`` has no second-order backward
+        cases[name].encode = lambda x, model=model: _normflows_residual_encode(model, x)
         cases[name].round_trip = lambda z, model=model: _normflows_round_trip(model, z)
     if series:
         import FrEIA.framework as Ff
@@ -201,6 +212,14 @@ def iresnet_candidates(series: bool = True) -> dict[str, Candidate]:
             inn, 2, "does not train the likelihood: its series log-det passes no gradient to "
                     "the weights")
     return cases
+
+
+def _normflows_residual_encode(model: nn.Module, x: Tensor) -> Tensor:
+    """x -> z through normflows' ``Residual`` layers (listed in the sampling direction, so
+    the last first): each ``x + g(x)``, as its ``inverse`` computes it."""
+    for flow in reversed(model.flows):
+        x = x + flow.iresblock.nnet(x)
+    return x
 
 
 def _normflows_round_trip(model: nn.Module, z: Tensor) -> Tensor:
