@@ -72,7 +72,9 @@ def _download(cls: type, name: str, root: str | Path, train: bool, timeout_s: fl
         with FileLock(str(Path(root) / f".{name}.download.lock")):
             return cls(str(root), train=train, download=True)
     except (OSError, RuntimeError) as error:
-        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if len(reason) > 160:  # torchvision lists every mirror it tried
+            reason = reason[:160].rsplit(" ", 1)[0] + " ..."
         raise FileNotFoundError(
             f"{name}: the files are not in {expected_location(name, root)} and could not be "
             f"downloaded ({reason}); on a machine without internet copy them there from one "
