@@ -20,6 +20,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import get_object
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -130,14 +131,22 @@ def switch(key: str) -> Setting:
     return bool, lambda value: True, f"use {key}=true or {key}=false"
 
 
+class JobRefused(CompactHydraException):
+    """A sweep job's user error, already logged and printed: Hydra records the job as failed,
+    runs the sweep's other jobs, then ends the sweep with this message and exit status 1."""
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into ``error: <one line>`` and exit status 1."""
+    """Turn the errors a user can fix into ``error: <one line>`` and exit status 1; in a sweep
+    (``-m``) into ``JobRefused``, so that one job's bad input does not stop the others."""
     try:
         yield
     except USER_ERRORS as error:
         log.error(describe(error))
         print(f"error: {describe(error)}", file=sys.stderr)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise JobRefused(f"error: {describe(error)}") from None
         raise SystemExit(1) from None
 
 

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from flows.cli import (
+    JobRefused,
     check_config_types,
     check_settings,
     remove_created_run_folder,
@@ -206,7 +207,7 @@ def main(cfg: DictConfig) -> float | None:
             parts = build(cfg)
             if ckpt_path is not None:
                 check_resumable(Path(ckpt_path), parts[1].flow, cfg.ema_decay)
-    except SystemExit:  # bad input: remove the run folder if this command just made it
+    except (SystemExit, JobRefused):  # bad input: remove the run folder if this command made it
         remove_created_run_folder(run_dir)
         raise
     with user_errors():

@@ -295,6 +295,22 @@ def test_multirun_sweep_gives_each_job_its_own_folder_and_a_summary(tmp_path):
     assert f"| nice | moons | 2 | {mean:.4f} |" in summary.stdout
 
 
+def test_a_sweep_job_with_bad_input_does_not_stop_the_others(tmp_path):
+    """The first job's batch size is refused; the second still runs. The sweep then ends with
+    the refusal and exit status 1, without a traceback, and the refused job's folder is gone."""
+    sweep = tmp_path / "sweep"
+    result = run_cli("flows.train", "-m", "data.batch_size=0,256", f"hydra.sweep.dir={sweep}",
+                     "callbacks=none", "logger=csv", "trainer.max_steps=5",
+                     "data.num_train=2048", "data.num_val=512", "data.num_test=512",
+                     cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("error: data.batch_size=0 and data.eval_batch_size=10000") == 2
+    assert "Error executing job with overrides: ['data.batch_size=0'" in result.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == ["1-realnvp-moons", "multirun.yaml"]
+    results = json.loads((sweep / "1-realnvp-moons" / "results.json").read_text())
+    assert results["status"] == "finished" and results["train_steps"] == 5
+
+
 def test_summary_averages_only_runs_with_the_same_settings(tmp_path):
     runs = [("a", "realnvp", 0, 2.0, None, ["model=realnvp", "seed=0", "optim.lr=0.001"]),
             ("b", "realnvp", 1, 3.0, None, ["seed=1", "optim.lr=1e-3", "model=realnvp"]),

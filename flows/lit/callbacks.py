@@ -304,7 +304,8 @@ class LastCheckpoint(RunCheckpoint):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # also where the last step was saved already: that save came before the step's
         # validation, so its record of the best checkpoints lacked the final one
-        trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
+        trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt",
+                                weights_only=False)  # the full state, to resume from
 
 
 def validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:
