@@ -1,8 +1,8 @@
 """flows against peer libraries on the same architectures: step time, memory, NLL per second.
 
     pip install -e ".[bench]"          # normflows, nflows, zuko, FrEIA (this benchmark only)
-    python benchmarks/compare_peers.py [--sections check steps memory budget sampling] [--cases ...]
-        [--rounds 7] [--steps 20] [--budget-s 60] [--seeds 0 1 2] [--sets moons ...]
+    python benchmarks/compare_peers.py [--sections check steps memory budget sampling]
+        [--cases ...] [--rounds 7] [--steps 20] [--budget-s 60] [--seeds 0 1 2] [--sets moons ...]
     python benchmarks/compare_peers.py --device cuda --sections steps sampling   # on a GPU
 
 Architectures (``peer_models.py``): case 1, Real NVP 2-D (8 affine couplings, 1-128-128-2

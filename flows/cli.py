@@ -215,10 +215,27 @@ def check_resume_settings(saved: DictConfig, current: DictConfig, source: Path) 
 
 
 def _run_defining(cfg: DictConfig) -> dict[str, Any]:
-    """``{dotted key: value}`` of the ``RUN_DEFINING`` leaves of ``cfg``, uninterpolated."""
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=False), "")
+    """``{dotted key: value}`` of the ``RUN_DEFINING`` leaves of ``cfg``, uninterpolated, with
+    a schedule saved in an older form written in today's (``_current_schedule``)."""
+    flat = _current_schedule(_flatten(OmegaConf.to_container(cfg, resolve=False), ""))
     return {key: value for key, value in flat.items()
             if any(key == p or key.startswith(f"{p}.") for p in RUN_DEFINING)}
+
+
+def _current_schedule(flat: dict[str, Any]) -> dict[str, Any]:
+    """Until 2026-12-05 the schedule configs passed the run's length as ``trainer.max_steps``
+    (``CosineAnnealingLR`` with ``T_max``, ``warmup_cosine`` with ``total_steps``); today's
+    take it from the trainer, which for those runs' step limit is the same length, so a run
+    saved then resumes as the same schedule."""
+    length = "${trainer.max_steps}"
+    if (flat.get("scheduler._target_") == "torch.optim.lr_scheduler.CosineAnnealingLR"
+            and flat.get("scheduler.T_max") == length):
+        flat = {k: v for k, v in flat.items() if k != "scheduler.T_max"}
+        flat["scheduler._target_"] = "flows.lit.schedules.cosine"
+    elif (flat.get("scheduler._target_") == "flows.lit.schedules.warmup_cosine"
+            and flat.get("scheduler.total_steps") == length):
+        flat = {k: v for k, v in flat.items() if k != "scheduler.total_steps"}
+    return flat
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:

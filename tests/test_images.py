@@ -241,3 +241,25 @@ def test_pass_counts_out_of_order_are_refused(min_passes, max_passes):
         log_prob_passes(UniformDensity(Compose(), StandardNormal((2,))), torch.rand(4, 2),
                         batch_size=4, device=torch.device("cpu"), max_se=1e-3, se_scale=1.0,
                         min_passes=min_passes, max_passes=max_passes)
+
+
+def test_accumulated_micro_batches_get_their_own_dequantisation_noise():
+    """3 batches a step: the micro-batches of one step are dequantised with different noise,
+    and a module that starts at step 1 (a resume) gives the noise an uninterrupted one did."""
+    from types import SimpleNamespace
+
+    def module_at(step):
+        module = ImageDataModule("digits", [1, 8, 8], num_val=150)
+        module.setup()
+        module.trainer = SimpleNamespace(global_step=step, num_training_batches=16,
+                                         accumulate_grad_batches=3, world_size=1, global_rank=0)
+        return module
+
+    levels = module_at(0).splits["train"][:8]
+    running = module_at(0)
+    first_step = [running.on_after_batch_transfer(levels, 0) for _ in range(3)]
+    assert not torch.equal(first_step[0], first_step[1])
+    assert not torch.equal(first_step[1], first_step[2])
+    running.trainer.global_step = 1
+    assert torch.equal(running.on_after_batch_transfer(levels, 0),
+                       module_at(1).on_after_batch_transfer(levels, 0))

@@ -215,3 +215,60 @@ def test_a_kill_during_a_validation_that_follows_a_last_save_is_validated_on_res
     assert fit(tmp_path / "killed", resumed,
                str(tmp_path / "killed" / "checkpoints" / "last.ckpt")) == uninterrupted
     assert resumed.steps[0] == kill_at and resumed.steps[-1] == 48
+
+
+class BatchLog(L.Callback):
+    """Training batches per epoch; raises ``KilledInValidation`` after step ``kill_at``."""
+
+    def __init__(self, kill_at=None):
+        self.kill_at, self.per_epoch = kill_at, {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        epoch = trainer.current_epoch
+        self.per_epoch[epoch] = self.per_epoch.get(epoch, 0) + 1
+        if trainer.global_step == self.kill_at:
+            raise KilledInValidation
+
+
+def test_gradient_accumulation_that_does_not_divide_the_epoch(tmp_path):
+    """16 batches an epoch, 3 per step: Lightning steps at batches 3, 6, ..., 15 and at the
+    epoch's last, 6 steps an epoch. Every epoch sees its 16 batches (the batches used to be
+    counted as 3 a step, so epochs shrank until one held too few to step and training never
+    ended), and a run killed mid-epoch resumes to the uninterrupted run's weights."""
+    overrides = ["data.num_train=4096", "data.num_val=256", "data.num_test=256",
+                 "data.batch_size=256", "+trainer.accumulate_grad_batches=3",
+                 "trainer.max_steps=20", "callbacks.last_checkpoint.every_n_train_steps=4",
+                 "callbacks.plots=null", "callbacks.diagnostics=null", "logger=csv",
+                 "test=false", "trainer.enable_progress_bar=false",
+                 "trainer.enable_model_summary=false"]
+
+    def fit(folder, log, ckpt_path=None):
+        datamodule, module, trainer = build_from(folder, *overrides)
+        trainer.callbacks.append(log)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return trainer, module
+
+    whole = BatchLog()
+    trainer, module = fit(tmp_path / "whole", whole)
+    assert trainer.global_step == 20
+    assert whole.per_epoch == {0: 16, 1: 16, 2: 16, 3: 6}  # 18 steps, then 2 of 3 batches
+    killed = BatchLog(kill_at=10)  # after last.ckpt at step 8, mid-epoch 1
+    with pytest.raises(KilledInValidation):
+        fit(tmp_path / "killed", killed)
+    _, resumed = fit(tmp_path / "killed", BatchLog(),
+                     str(tmp_path / "killed" / "checkpoints" / "last.ckpt"))
+    for (name, want), got in zip(module.state_dict().items(), resumed.state_dict().values(),
+                                 strict=True):
+        assert torch.equal(want, got), name
+
+
+def test_last_checkpoint_only_at_the_end(tmp_path):
+    """``every_n_train_steps=0``: no periodic ``last.ckpt``, the one at the end still."""
+    datamodule, module, trainer = build_from(
+        tmp_path, "data.num_train=2048", "data.num_val=256", "data.num_test=256",
+        "data.batch_size=256", "trainer.max_steps=12",
+        "callbacks.last_checkpoint.every_n_train_steps=0", "callbacks.plots=null",
+        "callbacks.diagnostics=null", "logger=csv", "test=false",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
+    trainer.fit(module, datamodule=datamodule)
+    assert last_step(tmp_path) == 12

@@ -167,3 +167,35 @@ def test_schedule_decays_over_the_steps_the_run_takes(tmp_path, limits, steps):
     assert trainer.global_step == steps
     assert trainer.lr_scheduler_configs[0].scheduler.T_max == steps
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_a_length_the_config_sets_is_kept():
+    """``+scheduler.total_steps=100`` (or ``OneCycleLR``'s own) is not replaced by the run's."""
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    factory = instantiate(compose_train("scheduler=cosine", "+scheduler.total_steps=100")
+                          .scheduler)
+    assert build_schedule(factory, optimizer, 6000).T_max == 100
+
+
+@pytest.mark.parametrize(("scheduler", "legacy"), [
+    ("cosine", {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+                "T_max": "${trainer.max_steps}"}),
+    ("warmup_cosine", {"_target_": "flows.lit.schedules.warmup_cosine",
+                       "warmup_steps": "${warmup_steps}", "total_steps": "${trainer.max_steps}"}),
+])
+def test_a_run_saved_with_the_older_schedule_configs_resumes(tmp_path, scheduler, legacy):
+    """Runs saved before the schedules took their length from the trainer passed it as
+    ``trainer.max_steps``: the same schedule, so their resume is not refused; another length
+    written there still is."""
+    from omegaconf import OmegaConf
+
+    from flows.cli import RunFolderError, check_resume_settings
+
+    saved = compose_train(f"scheduler={scheduler}")
+    saved.scheduler = OmegaConf.create({**legacy, "_partial_": True})
+    source = tmp_path / ".hydra" / "config.yaml"
+    check_resume_settings(saved, compose_train(f"scheduler={scheduler}"), source)
+    length = "T_max" if scheduler == "cosine" else "total_steps"
+    saved.scheduler[length] = 500
+    with pytest.raises(RunFolderError, match=f"scheduler.{length}"):
+        check_resume_settings(saved, compose_train(f"scheduler={scheduler}"), source)

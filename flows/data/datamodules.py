@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -176,12 +177,24 @@ class PointDataModule(L.LightningDataModule):
             )
 
     def _progress(self) -> tuple[int, int, int]:
-        """``(batches consumed, rank, world size)`` from the trainer; ``(0, 0, 1)`` alone."""
+        """``(batches consumed, rank, world size)`` from the trainer's step count; ``(0, 0, 1)``
+        alone.
+
+        Lightning steps the optimizer every ``a = accumulate_grad_batches`` batches and at an
+        epoch's last batch, so an epoch of ``n`` batches takes ``ceil(n / a)`` steps, and
+        ``s`` steps have consumed ``(s // ceil(n / a)) n + (s % ceil(n / a)) a`` batches (``n``
+        Lightning's batches per epoch: ``TrainBatches``', or ``limit_train_batches``').
+        """
         trainer = self.trainer
         if trainer is None:
             return 0, 0, 1
-        consumed = trainer.global_step * trainer.accumulate_grad_batches
-        return consumed, trainer.global_rank, trainer.world_size
+        world = trainer.world_size
+        per_epoch = trainer.num_training_batches  # inf until Lightning has counted them
+        if not math.isfinite(per_epoch) or per_epoch < 1:
+            per_epoch = len(self.splits["train"]) // (self.batch_size * world)
+        accumulate = trainer.accumulate_grad_batches
+        epochs, steps = divmod(trainer.global_step, math.ceil(per_epoch / accumulate))
+        return epochs * per_epoch + steps * accumulate, trainer.global_rank, world
 
     def _loader(self, split: str, batches: Sampler) -> DataLoader:
         return loader_class(batches)(_Points(self.splits[split]), sampler=batches,
@@ -287,12 +300,12 @@ class ImageDataModule(PointDataModule):
     """Images as levels, uniformly dequantised to ``[0, 1)``: digits, MNIST, Fashion, CIFAR-10.
 
     Training batches hold ``uint8`` levels and are dequantised on the device after transfer
-    (``on_after_batch_transfer``) with noise seeded by ``(seed, step, rank)`` in its own stream
-    (``flows.seeds.DATA_STREAM``: the model's Hutchinson probes must not reuse its bits), so a
-    resumed run sees the same noise. With gradient accumulation the micro-batches of one
-    optimizer step share a noise seed (over different images). The validation and test splits
-    are dequantised once with fixed noise (from ``seed``): evaluation is repeatable and
-    ``evaluate`` reproduces the test number.
+    (``on_after_batch_transfer``) with noise seeded by ``(seed, batch, rank)`` in its own stream
+    (``flows.seeds.DATA_STREAM``: the model's Hutchinson probes must not reuse its bits), the
+    batch counted from the trainer's step count (``_progress``) and, with gradient
+    accumulation, its place in the step, so a resumed run sees the same noise. The validation
+    and test splits are dequantised once with fixed noise (from ``seed``): evaluation is
+    repeatable and ``evaluate`` reproduces the test number.
 
     Splits: ``digits`` (scikit-learn, offline) is shuffled once with a fixed generator into
     ``num_test`` test, ``num_val`` validation and the remaining training images, the same for
@@ -330,6 +343,8 @@ class ImageDataModule(PointDataModule):
         self.num_levels = NATIVE_LEVELS[name] if num_levels is None else int(num_levels)
         self.num_val = num_val
         self.num_test = num_test
+        # the training batch's place in its optimizer step (gradient accumulation)
+        self._micro_batch, self._micro_batch_step = 0, None
         self.num_workers = num_workers
         self.pin_memory = pin_memory
 
@@ -374,7 +389,11 @@ class ImageDataModule(PointDataModule):
         """Dequantise a training batch of levels on its device: ``(k + u) / L``."""
         if batch.dtype != torch.uint8:
             return batch
-        consumed, rank, _ = self._progress()
+        consumed, rank, _ = self._progress()  # the batches before this optimizer step's
+        step = self.trainer.global_step if self.trainer is not None else 0
+        self._micro_batch = self._micro_batch + 1 if step == self._micro_batch_step else 0
+        self._micro_batch_step = step
         generator = torch.Generator(device=batch.device)
-        generator.manual_seed(step_seed(self.seed, consumed, rank, DATA_STREAM))
+        generator.manual_seed(step_seed(self.seed, consumed + self._micro_batch, rank,
+                                        DATA_STREAM))
         return dequantize(batch, self.num_levels, generator)

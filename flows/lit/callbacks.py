@@ -287,8 +287,9 @@ class LastCheckpoint(RunCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule,
                            outputs: object, batch: object, batch_idx: int) -> None:
-        if trainer.global_step % self._every_n_train_steps == 0 and validation_follows(
-                trainer, batch_idx):
+        every = self._every_n_train_steps
+        if every > 0 and trainer.global_step % every == 0 and validation_follows(trainer,
+                                                                                 batch_idx):
             self._save_after_validation = True
             return
         super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
@@ -305,7 +306,7 @@ class LastCheckpoint(RunCheckpoint):
         # also where the last step was saved already: that save came before the step's
         # validation, so its record of the best checkpoints lacked the final one
         trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt",
-                                weights_only=False)  # the full state, to resume from
+                                self.save_weights_only)  # as ModelCheckpoint's own saves
 
 
 def validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:

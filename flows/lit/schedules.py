@@ -59,8 +59,11 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> 
 
 
 def takes_total_steps(factory: Callable[..., LRScheduler]) -> bool:
-    """Whether ``factory`` (a Hydra ``_partial_``) still takes the run's ``total_steps``."""
-    return "total_steps" in inspect.signature(factory).parameters
+    """Whether ``factory`` (a Hydra ``_partial_``) takes the run's ``total_steps``: it has
+    that parameter and the config does not set it (``+scheduler.total_steps=N``, or
+    ``OneCycleLR``'s own, is kept)."""
+    bound = getattr(factory, "keywords", {})
+    return "total_steps" in inspect.signature(factory).parameters and "total_steps" not in bound
 
 
 def build_schedule(factory: Callable[..., LRScheduler], optimizer: Optimizer,
