@@ -64,7 +64,7 @@ def likelihood_check(log_prob: Callable[[Tensor], Tensor], encode: Callable[[Ten
     base, logdet = exact_log_prob(encode, x)
     base_gradient = _gradient(base.mean(), parameters, retain_graph=True)
     logdet_gradient = _gradient(logdet.mean(), parameters)
-    exact = float(base.mean() + logdet.mean())
+    exact = (base.mean() + logdet.mean()).item()
     values, gradients = [], []
     for draw in range(draws):
         torch.manual_seed(draw)

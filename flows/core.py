@@ -141,9 +141,27 @@ class NormalizingFlow(nn.Module):
                 f"set model.features to the data's dimension)"
             )
 
+    def check_batch(self, x: Tensor) -> None:
+        """``check_input``, and a ``ValueError`` unless ``x`` is non-empty and in the model's
+        floating-point dtype (tensor metadata only, no device read)."""
+        if not x.is_floating_point():
+            raise ValueError(
+                f"the flow takes floating-point data, got {x.dtype}; convert it (x.float()), "
+                f"and dequantise image levels to [0, 1) first (flows.data.images.dequantize)"
+            )
+        weight = next(self.parameters(), None)
+        if weight is not None and x.dtype != weight.dtype:
+            raise ValueError(
+                f"the flow's weights are {weight.dtype} but the data is {x.dtype}; convert one "
+                f"of them (x.to({weight.dtype}) or flow.to({x.dtype}))"
+            )
+        if x.dim() > 0 and x.shape[0] == 0:
+            raise ValueError("the batch is empty (0 rows); give at least one event")
+        self.check_input(x)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Map a batch ``(B, *event_shape)`` to ``(z, log|det dz/dx|)``."""
-        self.check_input(x)
+        self.check_batch(x)
         if self.compile_transform:
             with domain_checked(self.transform, x):
                 return _apply_compiled(self.transform, x)
@@ -151,7 +169,7 @@ class NormalizingFlow(nn.Module):
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Map latents to data: ``(x, log|det dx/dz|)``."""
-        self.check_input(z)
+        self.check_batch(z)
         return self.transform.inverse(z)
 
     def log_prob(self, x: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from flows.bijections.normalization import ActNorm
@@ -47,6 +48,20 @@ def test_actnorm_data_dependent_init_standardises_and_survives_reload():
     layer.load_state_dict(ActNorm(2).state_dict())
     layer(x + 100.0)
     torch.testing.assert_close(layer.shift, x.mean(0) + 100.0)
+
+
+def test_actnorm_refuses_to_initialise_from_a_non_finite_batch():
+    """NaN statistics would make every later output NaN; the layer refuses and stays
+    uninitialised, so the next (clean) batch initialises it."""
+    x = torch.randn(64, 2)
+    x[5, 1] = float("nan")
+    layer = ActNorm(2).train()
+    with pytest.raises(ValueError, match="NaN or inf statistics from its first training batch"):
+        layer(x)
+    assert layer.needs_initialization and not bool(layer.initialized)
+    clean = torch.randn(64, 2)
+    z, _ = layer(clean)
+    torch.testing.assert_close(z.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
 
 
 def test_actnorm_feature_without_spread_keeps_unit_scale():
@@ -102,3 +117,16 @@ def test_flow_sample_round_trips_through_latent():
     z, _ = flow(x)
     x_back, _ = flow.inverse(z)
     torch.testing.assert_close(x_back, x)
+
+
+@pytest.mark.parametrize(("x", "message"), [
+    (torch.ones(4, 2, dtype=torch.int64), "takes floating-point data, got torch.int64"),
+    (torch.ones(4, 2, dtype=torch.float64), "weights are torch.float32 but the data is"),
+    (torch.ones(0, 2), "the batch is empty"),
+])
+def test_bad_batches_are_named(x, message):
+    from flows.models.realnvp import RealNVP
+
+    flow = RealNVP(2, num_layers=2, hidden_features=8)
+    with pytest.raises(ValueError, match=message):
+        flow.log_prob(x)

@@ -29,6 +29,10 @@ def test_logit_logdet_and_range():
     check_bijection(Logit(0.05), images())
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         Logit(0.05)(torch.full((2, 1, 2, 2), 255.0))
+    nan = images()
+    nan[1, 0, 2, 3] = float("nan")  # NaN compares False with both bounds
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        Logit(0.05)(nan)
     with pytest.raises(ValueError, match="alpha"):
         Logit(0.0)
 

@@ -851,3 +851,49 @@ def test_activation_memory_budget_keeps_less_for_the_backward_with_the_same_grad
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert 0 < results[0.1][0] < 0.7 * results[None][0], (results[0.1][0], results[None][0],
                                                          eager_bytes)
+
+
+def test_a_weight_changed_in_eval_mode_is_normalised_again():
+    """An optimizer step (or a copy) made while the model is in eval mode: the next
+    evaluation converges ``u, v`` for the new weight, so ``sigma(W_hat) <= c`` still holds."""
+    torch.manual_seed(0)
+    flow = IResNet(2, num_blocks=2, hidden_features=16, num_hidden=2, activation="elu",
+                   lipschitz_coeff=0.9).eval()
+    flow.log_prob(torch.randn(8, 2))
+    with torch.no_grad():
+        for linear in flow.modules():
+            if isinstance(linear, torch.nn.Linear):
+                original = linear.parametrizations.weight.original
+                original.add_(torch.randn_like(original))  # new singular vectors
+    flow.log_prob(torch.randn(8, 2))
+    for name in spectral_norms(flow):
+        weight = dict(flow.named_modules())[name.rsplit(".", 1)[0]].weight
+        assert torch.linalg.matrix_norm(weight.double(), 2) <= 0.9 * (1 + 1e-6), name
+
+
+def test_eval_convergence_is_exact_for_nearly_equal_top_singular_values():
+    """A matrix with singular values 1 and 1 - 1e-5: the power iteration stalls short of the
+    top one; the eval-mode convergence takes it from the SVD."""
+    torch.manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64))
+    weight = (left[:, :2] * torch.tensor([2.0, 2.0 - 2e-5], dtype=torch.float64)) @ right.T
+    normalization = SpectralNormalization(weight.float(), coeff=0.9)
+    normalization.converge_(weight.float())
+    true = torch.linalg.matrix_norm(weight, 2)
+    assert abs(float(normalization.sigma(weight.float())) - float(true)) < 1e-6 * float(true)
+
+
+@pytest.mark.parametrize("features", [1, 2, 3])
+def test_exact_logdet_is_nan_where_the_block_is_not_invertible(features):
+    """``det(I + J) < 0`` (a block whose ``Lip(g) >= 1``): NaN, not ``log |det|``, so that the
+    non-finite stop names the block instead of training on a map that folds."""
+    torch.manual_seed(0)
+    jac = 0.3 * torch.randn(4, features, features, dtype=torch.float64)
+    jac[2] = 0.0
+    jac[2, 0, 0] = -3.0  # I + J = diag(-2, 1, ...): det -2
+    logdet = logdet_exact(jac)
+    expected = torch.linalg.det(torch.eye(features, dtype=torch.float64) + jac).log()
+    assert torch.isnan(logdet[2]) and torch.isnan(expected[2])
+    keep = [0, 1, 3]
+    torch.testing.assert_close(logdet[keep], expected[keep])

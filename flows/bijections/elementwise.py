@@ -43,9 +43,9 @@ class Logit(Bijection):
         self.log_range = math.log1p(-2.0 * alpha)
 
     def check_domain(self, x: Tensor) -> None:
-        """Refuse data outside ``[0, 1]`` (one host sync)."""
+        """Refuse data outside ``[0, 1]``, NaN included (one host sync)."""
         low, high = torch.aminmax(x.detach())
-        if bool((low < 0) | (high > 1)):
+        if not bool((low >= 0) & (high <= 1)):  # False for NaN, which aminmax propagates
             raise ValueError(
                 f"image values must lie in [0, 1] (dequantised levels / num_levels), got values "
                 f"in [{float(low):.4g}, {float(high):.4g}]; scale the data to [0, 1) first"

@@ -89,6 +89,12 @@ class ActNorm(Bijection):
             # Every rank gets the statistics of the union of the ranks' (equal-size) batches.
             torch.distributed.all_reduce(moments)
             moments /= torch.distributed.get_world_size()
+        if not bool(torch.isfinite(moments).all()):  # one host read, at initialisation only
+            raise ValueError(
+                "ActNorm's data-dependent initialisation got NaN or inf statistics from its "
+                "first training batch (the input or an earlier layer's output is not finite); "
+                "it stays uninitialised: remove the non-finite values and run the batch again"
+            )
         mean, mean_square = moments
         std = torch.sqrt(torch.clamp(mean_square - mean.square(), min=0.0))
         self.shift.copy_(mean)

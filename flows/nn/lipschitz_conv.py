@@ -70,6 +70,15 @@ class ConvSpectralNormalization(SpectralNormalization):
     def operator_adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
         return F.conv_transpose2d(u, weight, padding=self.padding)
 
+    def top_singular(self, weight: Tensor, max_iterations: int, rtol: float
+                     ) -> tuple[float, Tensor, Tensor, int]:
+        """The operator's top singular value and vectors by power iteration from the current
+        ``v`` (``top_singular_value``): its matrix (``C H W`` square) is too large to factor."""
+        sigma, u, v, steps, _ = top_singular_value(
+            lambda x: self.operator(weight, x), lambda y: self.operator_adjoint(weight, y),
+            self.v.double(), self.eps, max_iterations, rtol)
+        return sigma, u, v, steps
+
 
 class LipschitzConvNet(nn.Module):
     """i-ResNet's image branch ``g = conv3x3 -> act -> conv1x1 -> act -> conv3x3``.
