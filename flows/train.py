@@ -109,6 +109,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
         callbacks.append(EMAWeights(cfg.ema_decay))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    datamodule.batches_per_epoch(trainer.world_size)  # a batch for every process
     if cfg.on_nonfinite == "skip" and trainer.world_size > 1:
         raise ValueError(
             f"on_nonfinite=skip needs a single process: Lightning cannot skip a training step "

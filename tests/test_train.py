@@ -116,6 +116,8 @@ BAD_INPUT = [
      "on_nonfinite=skip needs a single process"),
     (["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "compile_step=true"],
      "compile_step needs a single process"),
+    (["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=4000"],
+     "4096 points, fewer than one batch for each of the 2 processes"),
     (["model=iresnet", "compile_step=true"], "(ResidualBlock) updates the power-iteration"),
     (["optim=adamax", "compile_step=true"], "runs Adam or AdamW, got Adamax"),
     (["compile_step=yes"], "compile_step='yes': use compile_step=true or compile_step=false"),

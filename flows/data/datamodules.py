@@ -176,6 +176,17 @@ class PointDataModule(L.LightningDataModule):
                 f"or larger split sizes"
             )
 
+    def batches_per_epoch(self, world: int) -> int:
+        """Training batches per epoch on each of ``world`` processes (``TrainBatches``); a
+        ``ValueError`` if there is not one each."""
+        per_epoch = len(self.splits["train"]) // (self.batch_size * world)
+        if per_epoch < 1:
+            raise ValueError(
+                f"the training split has {len(self.splits['train'])} points, fewer than one "
+                f"batch for each of the {world} processes (data.batch_size={self.batch_size} "
+                f"each), so nothing would train; lower data.batch_size or give more data")
+        return per_epoch
+
     def _progress(self) -> tuple[int, int, int]:
         """``(batches consumed, rank, world size)`` from the trainer's step count; ``(0, 0, 1)``
         alone.
@@ -191,7 +202,7 @@ class PointDataModule(L.LightningDataModule):
         world = trainer.world_size
         per_epoch = trainer.num_training_batches  # inf until Lightning has counted them
         if not math.isfinite(per_epoch) or per_epoch < 1:
-            per_epoch = len(self.splits["train"]) // (self.batch_size * world)
+            per_epoch = self.batches_per_epoch(world)
         accumulate = trainer.accumulate_grad_batches
         epochs, steps = divmod(trainer.global_step, math.ceil(per_epoch / accumulate))
         return epochs * per_epoch + steps * accumulate, trainer.global_rank, world
