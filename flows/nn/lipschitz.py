@@ -54,7 +54,8 @@ class SpectralNormalization(nn.Module):
     invertible: ``flows.nn.mlp_jacobian.logdet_exact`` then gives NaN; more steps per forward,
     ``n_power_iterations``, narrow the lag). So the first eval-mode use after training, after
     loading a state dict, or after the weight changed in eval mode (its version counter or
-    storage moved: an optimizer step, a copy, an average) first converges ``u, v``
+    storage moved: an optimizer step, a copy, an average; a write through ``.data`` bypasses
+    the version counter and is not seen) first converges ``u, v``
     (``converge_``: the SVD for a matrix, the power iteration to a relative error of about 1e-6
     for a convolution): every evaluation, sample and inverse then uses weights with
     ``sigma(W_hat) <= c`` up to that tolerance, as Residual Flows does before validating.
