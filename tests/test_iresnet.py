@@ -897,3 +897,33 @@ def test_exact_logdet_is_nan_where_the_block_is_not_invertible(features):
     assert torch.isnan(logdet[2]) and torch.isnan(expected[2])
     keep = [0, 1, 3]
     torch.testing.assert_close(logdet[keep], expected[keep])
+
+
+def test_fresh_weights_at_a_freed_weights_address_are_normalised():
+    """``torch.func.functional_call`` with new weights each call: a new tensor can take a freed
+    one's address and version 0, and must still count as a change."""
+    torch.manual_seed(0)
+    flow = IResNet(2, num_blocks=1, hidden_features=8, num_hidden=1, activation="elu",
+                   lipschitz_coeff=0.9).eval()
+    x = torch.randn(4, 2)
+    for _ in range(4):
+        params = {name: p.detach() + torch.randn_like(p) for name, p in flow.named_parameters()}
+        torch.func.functional_call(flow, params, (x,))
+        for name, normalization in [(n, m) for n, m in flow.named_modules()
+                                    if isinstance(m, SpectralNormalization)]:
+            weight = params[name.rsplit(".", 1)[0] + ".original"]
+            normalized = weight / max(1.0, float(normalization.sigma(weight)) / 0.9)
+            assert torch.linalg.matrix_norm(normalized.double(), 2) <= 0.9 * (1 + 1e-6), name
+
+
+def test_a_whole_eval_flow_compiles_into_one_graph():
+    """The change check reads host-side tensor state that dynamo cannot trace; while it traces,
+    the check stands aside (``fullgraph=True`` would raise on a graph break)."""
+    torch.manual_seed(0)
+    flow = IResNet(2, num_blocks=2, hidden_features=8, lipschitz_coeff=0.9,
+                   logdet="exact").eval()
+    x = torch.randn(16, 2)
+    expected = flow.log_prob(x)
+    with torch.no_grad():
+        got = torch.compile(flow.log_prob, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -53,9 +54,10 @@ class SpectralNormalization(nn.Module):
     i-ResNet; at Adam lr 1e-2 with c = 0.99 up to ``1.3-1.4 c``, where a block can stop being
     invertible: ``flows.nn.mlp_jacobian.logdet_exact`` then gives NaN; more steps per forward,
     ``n_power_iterations``, narrow the lag). So the first eval-mode use after training, after
-    loading a state dict, or after the weight changed in eval mode (its version counter or
-    storage moved: an optimizer step, a copy, an average; a write through ``.data`` bypasses
-    the version counter and is not seen) first converges ``u, v``
+    loading a state dict, or after the weight changed in eval mode (another tensor, or its
+    version counter moved: an optimizer step, a copy, an average; a write through ``.data``
+    bypasses the version counter and is not seen, nor is anything while ``torch.compile``
+    traces) first converges ``u, v``
     (``converge_``: the SVD for a matrix, the power iteration to a relative error of about 1e-6
     for a convolution): every evaluation, sample and inverse then uses weights with
     ``sigma(W_hat) <= c`` up to that tolerance, as Residual Flows does before validating.
@@ -93,7 +95,7 @@ class SpectralNormalization(nn.Module):
         # 15 steps at construction, as torch's spectral_norm, so the first batch is already close.
         self.power_iterate_(weight.detach(), 15)
         self.stale = True  # u, v not converged for the current weight (see converge_)
-        self.converged_for: tuple[int, int] | None = None  # _identity of the converged weight
+        self.converged_for: tuple[weakref.ref, int] | None = None  # see _identity
         self.frozen = False  # set by frozen_power_iteration
 
     @property
@@ -169,12 +171,11 @@ class SpectralNormalization(nn.Module):
 
     def refresh_(self, weight: Tensor) -> None:
         """Training mode: the weight will change, mark ``u, v`` stale. Eval mode: converge
-        them if stale, or if the weight changed since they converged (an optimizer step, a
-        copy or an average written in eval mode: its version counter or storage moved)."""
+        them if stale, or if the weight changed since they converged (``_unchanged``)."""
         if self.training:
             self.stale = True
-        elif self.stale or _identity(weight) not in (None, self.converged_for):
-            self.converge_(weight.detach())
+        elif self.stale or not _unchanged(weight, self.converged_for):
+            self.converge_(weight)
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
         self.stale = True  # new weights or vectors
@@ -195,14 +196,29 @@ class SpectralNormalization(nn.Module):
         return weight_hat
 
 
-def _identity(weight: Tensor) -> tuple[int, int] | None:
-    """The weight's storage and version counter (host-side, no device read): both stay the
-    same until its values are written (in place, or as a new tensor). ``None`` for a tensor
-    without storage (a ``torch.func`` transform's wrapper): no change can be told."""
+def _identity(weight: Tensor) -> tuple[weakref.ref, int] | None:
+    """The weight tensor itself (a weak reference: a new tensor never matches it, even at a
+    freed one's address) and its version counter, which every in-place write through autograd
+    moves; host-side, no device read. ``None`` where no change can be told: while
+    ``torch.compile`` traces (dynamo cannot), or for a tensor without storage (a
+    ``torch.func`` transform's wrapper)."""
+    if torch.compiler.is_compiling():
+        return None
     try:
-        return weight.data_ptr(), weight._version
+        weight.data_ptr()
     except RuntimeError:
         return None
+    return weakref.ref(weight), weight._version
+
+
+def _unchanged(weight: Tensor, converged_for: tuple[weakref.ref, int] | None) -> bool:
+    """Whether ``weight`` is the tensor of ``converged_for`` (``_identity``), not written since;
+    ``True`` where no change can be told."""
+    now = _identity(weight)
+    if now is None:
+        return True
+    return converged_for is not None and converged_for[0]() is weight and (
+        converged_for[1] == now[1])
 
 
 @torch.no_grad()
