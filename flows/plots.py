@@ -54,7 +54,7 @@ def density_grid(flow: NormalizingFlow, bounds: Bounds = (-4.0, 4.0), num_points
     grid = torch.stack([xx.flatten(), yy.flatten()], dim=1)
     log_prob = torch.cat([flow.log_prob(chunk) for chunk in grid.split(batch_size)])
     density = log_prob.exp().reshape(num_points, num_points)
-    return axis.cpu().numpy(), density.cpu().numpy()
+    return axis.float().cpu().numpy(), density.float().cpu().numpy()  # NumPy has no bfloat16
 
 
 def plot_density(axis: np.ndarray, density: np.ndarray, title: str = "model density") -> Figure:

@@ -252,7 +252,8 @@ def test_accumulated_micro_batches_get_their_own_dequantisation_noise():
         module = ImageDataModule("digits", [1, 8, 8], num_val=150)
         module.setup()
         module.trainer = SimpleNamespace(global_step=step, num_training_batches=16,
-                                         accumulate_grad_batches=3, world_size=1, global_rank=0)
+                                         accumulate_grad_batches=3, world_size=1, global_rank=0,
+                                         lightning_module=None)
         return module
 
     levels = module_at(0).splits["train"][:8]

@@ -419,3 +419,15 @@ def test_stale_power_iteration_is_corrected_at_load_and_evaluate_guards_contract
     forced = evaluate_module.evaluate(cfg)
     assert forced["forced"] and forced["max_lipschitz_bound"] == 1.5
     assert asked == [True, True]  # the config's tf32, set before anything runs
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_a_run_in_another_precision_feeds_its_callbacks_that_dtype(tmp_path, precision):
+    """The plots and diagnostics build their inputs from the data (float32): in a float64 or
+    bfloat16 model they are cast to its dtype (and back to float32 for NumPy)."""
+    result = run_cli("flows.train", *FAST, f"trainer.precision={precision}", "name=p",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "outputs" / "realnvp-moons" / "p"
+    assert json.loads((run / "results.json").read_text())["status"] == "finished"
+    assert list(run.rglob("*density*.png"))

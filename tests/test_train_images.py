@@ -93,7 +93,8 @@ def test_diagnostics_reconstruct_fewer_images_than_points(monkeypatch, event_sha
     monkeypatch.setattr(callbacks, "reconstruction_error",
                         lambda flow, x: seen.append(len(x)) or 0.0)
     monkeypatch.setattr(callbacks, "saturated_scales", lambda flow, x: {})
-    module = SimpleNamespace(flow=flow, device="cpu", log_dict=lambda *a, **k: None)
+    module = SimpleNamespace(flow=flow, device="cpu", dtype=torch.float32,
+                             log_dict=lambda *a, **k: None)
     trainer = SimpleNamespace(sanity_checking=False, global_step=1, datamodule=SimpleNamespace(
         splits={"val": torch.zeros(10, *event_shape)}))
     FlowDiagnostics(num_points=5, num_images=3).on_validation_epoch_end(trainer, module)
@@ -170,3 +171,12 @@ def test_bad_image_input_fails_in_one_line(overrides, expected, tmp_path):
     assert expected in result.stderr, result.stderr[-2000:]
     outputs = tmp_path / "outputs"
     assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))
+
+
+def test_a_float64_image_run_dequantises_to_float64(tmp_path):
+    result = run_cli("flows.train", "model=glow", *FAST, *SMALL["glow"],
+                     "trainer.precision=64-true", "name=p", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "outputs" / "glow-digits" / "p" / "results.json")
+                         .read_text())
+    assert results["status"] == "finished" and results["test_bpd"] > 0

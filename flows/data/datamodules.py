@@ -407,4 +407,6 @@ class ImageDataModule(PointDataModule):
         generator = torch.Generator(device=batch.device)
         generator.manual_seed(step_seed(self.seed, consumed + self._micro_batch, rank,
                                         DATA_STREAM))
-        return dequantize(batch, self.num_levels, generator)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        dtype = module.dtype if module is not None else torch.float32  # 64-true: float64
+        return dequantize(batch, self.num_levels, generator).to(dtype)

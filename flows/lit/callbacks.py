@@ -80,16 +80,18 @@ class ToyPlots(L.Callback):
             return
         was_training = flow.training
         flow.eval()
-        data = trainer.datamodule.splits["val"][: self.num_samples].to(module.device)
+        data = trainer.datamodule.splits["val"][: self.num_samples]
+        data = data.to(module.device, module.dtype)
         samples = flow.sample(self.num_samples, self.temperature)
         z, _ = flow(data)
         axis, density = density_grid(flow, self.bounds, self.grid_points)
         flow.train(was_training)
         figures = {
-            "samples": plot_samples(data.cpu().numpy(), samples.cpu().numpy(), self.bounds,
+            "samples": plot_samples(data.float().cpu().numpy(), samples.float().cpu().numpy(),
+                                    self.bounds,
                                     f"samples, T={self.temperature}"),
             "density": plot_density(axis, density),
-            "latent": plot_latent(z.cpu().numpy()),
+            "latent": plot_latent(z.float().cpu().numpy()),
         }
         save_figures(trainer, figures, name)
 
@@ -148,7 +150,8 @@ class ImageSamples(L.Callback):
         nrow = max(1, int(self.num_samples ** 0.5))
         samples = {f"T = {t}": image_grid(flow.sample(self.num_samples, t), nrow)
                    for t in self.temperatures}
-        data = trainer.datamodule.splits["val"][: self.num_reconstructions].to(module.device)
+        data = trainer.datamodule.splits["val"][: self.num_reconstructions]
+        data = data.to(module.device, module.dtype)
         z, _ = flow(data)
         reconstructed, _ = flow.inverse(z)
         flow.train(was_training)
@@ -199,7 +202,7 @@ class FlowDiagnostics(L.Callback):
             return
         flow = module.flow
         count = self.num_images if len(flow.event_shape) == 3 else self.num_points
-        x = trainer.datamodule.splits["val"][:count].to(module.device)
+        x = trainer.datamodule.splits["val"][:count].to(module.device, module.dtype)
         was_training = flow.training
         flow.eval()
         errors: list[float] = []
