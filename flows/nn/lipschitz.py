@@ -149,15 +149,14 @@ class SpectralNormalization(nn.Module):
         converge slowly; ``sigma_hat`` is then already close to ``sigma``): the health checks
         (``flows.diagnostics``) measure the resulting bound independently.
         """
-        weight_in_use = weight
-        weight = weight.double()  # float32 rounding would stop it ~1e-4 short of sigma
-        current = float(torch.linalg.vector_norm(self.operator(weight, self.v.double())))
-        sigma, u, v, steps = self.top_singular(weight, max_iterations, rtol)
+        weight64 = weight.double()  # float32 rounding would stop it ~1e-4 short of sigma
+        current = float(torch.linalg.vector_norm(self.operator(weight64, self.v.double())))
+        sigma, u, v, steps = self.top_singular(weight64, max_iterations, rtol)
         if sigma - current > rtol * sigma:
             self.u.copy_(u)
             self.v.copy_(v)
         self.stale = False
-        self.converged_for = _identity(weight_in_use)
+        self.converged_for = _identity(weight)
         return steps
 
     def top_singular(self, weight: Tensor, max_iterations: int, rtol: float
@@ -196,29 +195,33 @@ class SpectralNormalization(nn.Module):
         return weight_hat
 
 
-def _identity(weight: Tensor) -> tuple[weakref.ref, int] | None:
-    """The weight tensor itself (a weak reference: a new tensor never matches it, even at a
-    freed one's address) and its version counter, which every in-place write through autograd
-    moves; host-side, no device read. ``None`` where no change can be told: while
-    ``torch.compile`` traces (dynamo cannot), or for a tensor without storage (a
-    ``torch.func`` transform's wrapper)."""
+def _traceable(weight: Tensor) -> bool:
+    """Whether a change of ``weight`` can be told: not while ``torch.compile`` traces (dynamo
+    cannot read tensor identity), not for a tensor without storage (a ``torch.func``
+    transform's wrapper)."""
     if torch.compiler.is_compiling():
-        return None
+        return False
     try:
         weight.data_ptr()
     except RuntimeError:
-        return None
-    return weakref.ref(weight), weight._version
+        return False
+    return True
+
+
+def _identity(weight: Tensor) -> tuple[weakref.ref, int] | None:
+    """The weight tensor itself (a weak reference: a new tensor never matches it, even at a
+    freed one's address) and its version counter, which every in-place write through autograd
+    moves; host-side, no device read. ``None`` where no change can be told (``_traceable``)."""
+    return (weakref.ref(weight), weight._version) if _traceable(weight) else None
 
 
 def _unchanged(weight: Tensor, converged_for: tuple[weakref.ref, int] | None) -> bool:
     """Whether ``weight`` is the tensor of ``converged_for`` (``_identity``), not written since;
     ``True`` where no change can be told."""
-    now = _identity(weight)
-    if now is None:
+    if not _traceable(weight):
         return True
-    return converged_for is not None and converged_for[0]() is weight and (
-        converged_for[1] == now[1])
+    return (converged_for is not None and converged_for[0]() is weight
+            and converged_for[1] == weight._version)
 
 
 @torch.no_grad()
