@@ -120,3 +120,26 @@ def test_newton_and_fixed_point_blocks_agree(features):
             assert block.last_inverse_residual < 1e-10
             iterations[method] = block.last_inverse_iterations
     assert iterations["newton"] < iterations["fixed_point"]
+
+
+@pytest.mark.parametrize("method", ["newton", "fixed_point"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_sample_stops_counting(method, bad):
+    """One NaN or infinite sample neither holds the others to the iteration cap nor passes
+    as converged: the finite samples invert as without it, and the warning names the count."""
+    net = make_net(features=3, coeff=0.99)
+    x = 3 * torch.randn(16, 3, dtype=torch.float64)
+    block = ResidualBlock(net, logdet="exact", inverse_method=method, **TIGHT)
+    with torch.no_grad():
+        z, _ = block(x)
+        block.inverse(z)
+        clean_iterations = block.last_inverse_iterations
+        z[5, 1] = bad
+        with pytest.warns(RuntimeWarning, match=r"1 of 16 samples are not finite .*, 1 of "
+                                                r"them already in its input z"):
+            x_back, logdet = block.inverse(z)
+    keep = torch.arange(16) != 5
+    torch.testing.assert_close(x_back[keep], x[keep], atol=1e-10, rtol=0)
+    assert block.last_inverse_iterations == clean_iterations
+    assert not torch.isfinite(x_back[5]).all() and not torch.isfinite(logdet[5])
+    assert torch.isfinite(logdet[keep]).all()

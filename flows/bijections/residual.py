@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 from flows.bijections.residual_inverse import (
     fixed_point_solve,
     newton_solve,
+    not_finite,
     solve_identity_plus,
 )
 from flows.core import Bijection
@@ -379,10 +380,22 @@ class ResidualBlock(Bijection):
             if torch.is_grad_enabled():
                 x = self._implicit_gradient(x, z)
             z_back, logdet = self(x)
-        residual = float((z_back - z).detach().abs().max())
+        error = (z_back - z).detach().abs().flatten(1)
+        residual = float(error.max())
         self.last_inverse_iterations = iterations
         self.last_inverse_residual = residual
-        if not converged:
+        lost = not_finite(error)
+        if bool(lost.any()):
+            from_z = int((lost & not_finite(z)).sum())
+            warnings.warn(
+                f"ResidualBlock inverse: {int(lost.sum())} of {len(z)} samples are not finite "
+                f"(NaN or inf), {from_z} of them already in its input z; the others stopped "
+                f"after {iterations} iterations. Find where the first non-finite value "
+                f"appears (the blocks inverted before this one, or the values passed in)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif not converged:
             warnings.warn(
                 f"ResidualBlock inverse did not converge: max|x + g(x) - z| = {residual:.3g} "
                 f"after {iterations} {'Newton' if self.newton_inverse(z) else 'fixed-point'} "

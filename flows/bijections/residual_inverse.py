@@ -55,16 +55,26 @@ def _settled(step: Tensor, x: Tensor, atol: float, rtol: float) -> Tensor:
     return (step.abs() <= atol + rtol * x.abs()).flatten(1).all(1)
 
 
+def not_finite(x: Tensor) -> Tensor:
+    """Per sample, whether any element is NaN or infinite, ``(B,)``."""
+    return ~torch.isfinite(x).flatten(1).all(1)
+
+
 def fixed_point_solve(g: Callable[[Tensor], Tensor], z: Tensor, atol: float, rtol: float,
                       max_iterations: int) -> tuple[Tensor, int, bool]:
-    """``x <- z - g(x)`` from ``x = z``: ``(x, iterations, converged)``."""
+    """``x <- z - g(x)`` from ``x = z``: ``(x, iterations, converged)``.
+
+    A sample whose iterate is not finite (a NaN or infinite ``z``, non-finite weights) stays
+    so and stops counting: the others end the iteration, and ``converged`` is ``False``.
+    """
     x = z
     for iteration in range(1, max_iterations + 1):
         x_next = z - g(x)
-        converged = bool(_settled(x_next - x, x_next, atol, rtol).all())  # one host read
+        lost = not_finite(x_next)
+        done = bool((_settled(x_next - x, x_next, atol, rtol) | lost).all())  # one host read
         x = x_next
-        if converged:
-            return x, iteration, True
+        if done:
+            return x, iteration, not bool(lost.any())
     return x, max_iterations, False
 
 
@@ -80,7 +90,8 @@ def newton_solve(g_and_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]], z: T
     ``x - F(x)`` from its previous point instead. Accepted points halve that smallest
     residual, which bounds the error (``|x - x*|_2 <= |F(x)|_2 / (1 - c)``), and fixed-point
     steps contract the error by ``c``, so every sample converges; near the solution every
-    Newton point is accepted.
+    Newton point is accepted. A sample whose ``z`` is not finite cannot converge and stops
+    counting from the start (``converged`` is then ``False``).
     ``evaluations`` counts the calls of ``g_and_jacobian`` (one that re-evaluates only the
     fallen-back samples counts as one) and is capped by ``max_iterations``; at the cap the
     last points take the fixed-point step, which needs no evaluation (``max_iterations=1``:
@@ -94,15 +105,17 @@ def newton_solve(g_and_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]], z: T
         return x + gx.flatten(1) - target, jac
 
     x = z
+    lost = not_finite(z)
     residual, jac = residual_and_jacobian(x, z)
     best = residual.abs().amax(1)
     evaluations = 1
     while evaluations < max_iterations:
         step = solve_identity_plus(jac, residual)
         x_newton = x - step
-        settled = _settled(step, x_newton, atol, rtol)
+        # a lost sample counts as settled: never rejected, never waited for
+        settled = _settled(step, x_newton, atol, rtol) | lost
         if bool(settled.all()):  # host read
-            return x_newton.view(shape), evaluations, True
+            return x_newton.view(shape), evaluations, not bool(lost.any())
         residual_newton, jac_newton = residual_and_jacobian(x_newton, z)
         evaluations += 1
         size = residual_newton.abs().amax(1)
@@ -116,7 +129,7 @@ def newton_solve(g_and_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]], z: T
             settled = settled.index_copy(
                 0, rejected, _settled(residual[rejected], x_fixed, atol, rtol))
             if bool(settled.all()):  # host read
-                return x_newton.view(shape), evaluations, True
+                return x_newton.view(shape), evaluations, not bool(lost.any())
             if evaluations == max_iterations:
                 return x_newton.view(shape), evaluations, False
             residual_fixed, jac_fixed = residual_and_jacobian(x_fixed, z[rejected])
