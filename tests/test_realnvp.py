@@ -187,6 +187,23 @@ def test_batchnorm_bijection_in_eval_mode(shape):
     check_bijection(layer, torch.randn(shape))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_batchnorm_running_stats_survive_a_non_finite_batch(bad):
+    """A batch with a NaN or infinite value in feature 1 returns non-finite values there, as
+    it must, but leaves feature 1's running statistics as they were; feature 0 updates."""
+    x = torch.randn(256, 2) * torch.tensor([3.0, 0.5]) + torch.tensor([1.0, -2.0])
+    layer = _trained_batchnorm(2, x)
+    mean, var = layer.running_mean.clone(), layer.running_var.clone()
+    poisoned = 2.0 * x
+    poisoned[7, 1] = bad
+    z, _ = layer(poisoned)
+    assert not torch.isfinite(z[:, 1]).all()
+    torch.testing.assert_close(layer.running_mean[1], mean[1], rtol=0, atol=0)
+    torch.testing.assert_close(layer.running_var[1], var[1], rtol=0, atol=0)
+    torch.testing.assert_close(layer.running_mean[0], 0.8 * mean[0] + 0.2 * poisoned[:, 0].mean())
+    torch.testing.assert_close(layer.running_var[0], 0.8 * var[0] + 0.2 * poisoned[:, 0].var())
+
+
 def test_batchnorm_rejects_bad_momentum():
     with pytest.raises(ValueError, match="momentum"):
         BatchNorm(2, momentum=0.0)

@@ -150,13 +150,17 @@ class BatchNorm(Bijection):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def _batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Batch ``(mean, biased var)`` per feature; updates the running statistics."""
+        """Batch ``(mean, biased var)`` per feature; updates the running statistics of the
+        features whose batch statistics are finite (a NaN or infinite value leaves its
+        feature's running statistics as they were, with no host read)."""
         values = _values_per_feature(x, "BatchNorm")
         var, mean = torch.var_mean(values, dim=1, unbiased=False)
         with torch.no_grad():
             count = values.shape[1]
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+            unbiased = var * count / max(count - 1, 1)
+            finite = torch.isfinite(mean) & torch.isfinite(unbiased)
+            for running, batch in ((self.running_mean, mean), (self.running_var, unbiased)):
+                running.copy_(torch.where(finite, running.lerp(batch, self.momentum), running))
         return mean, var
 
     def _log_scale(self, var: Tensor) -> Tensor:
