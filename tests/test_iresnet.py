@@ -23,6 +23,7 @@ from flows.nn.lipschitz import (
     power_iterate_,
     spectral_norm_,
     spectral_norms,
+    top_singular_value,
 )
 from flows.nn.lipschitz_conv import LipschitzConvNet
 from flows.nn.mlp_jacobian import logdet_exact
@@ -78,6 +79,66 @@ def test_training_forwards_bound_spectral_norm_from_large_init():
             assert bound <= 0.7 * (1 + 1e-9)
             assert bound >= 0.7 * (1 - 1e-6)  # scaled to c, not below: sigma_hat -> sigma
             torch.testing.assert_close(spectral_norms(lin)["weight"], sigma, rtol=1e-9, atol=0.0)
+
+
+def _training_mode_bounds(net, x, path, steps=20):
+    """Adam at lr 0.05 on ``-|g(x)|^2`` (the weights grow fast); after every training forward,
+    each linear's ``sigma(W_hat) / c`` from the SVD with the ``sigma_hat`` that forward used,
+    and the power steps it took. Returns the largest ratio and the most steps."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    worst, most = 0.0, 0
+    for _ in range(steps):
+        out = net(x) if path == "forward" else net.forward_with_logdet(x)[0]
+        with torch.no_grad():
+            for linear in net.linears:
+                weight = linear.parametrizations.weight.original
+                normalization = linear.parametrizations.weight[0]
+                scale = torch.clamp(normalization.sigma(weight) / net.coeff, min=1.0)
+                ratio = torch.linalg.matrix_norm(weight, 2) / scale / net.coeff
+                worst = max(worst, float(ratio))
+                most = max(most, normalization.last_power_iterations)
+        optimizer.zero_grad()
+        (-out.square().mean()).backward()
+        optimizer.step()
+    return worst, most
+
+
+@pytest.mark.parametrize("path", ["forward", "forward_with_logdet"])
+def test_power_iteration_tol_bounds_the_weights_of_training_forwards(path):
+    """With ``power_iteration_tol`` the weights a training forward uses keep ``sigma(W_hat)
+    ~ c`` while Adam moves them fast; one power step a forward trails them by far."""
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for tol, svd in ((None, False), (1e-4, False), (None, True)):
+        torch.manual_seed(0)
+        net = LipschitzMLP(2, 32, 2, "elu", coeff=0.9, power_iteration_tol=tol,
+                           training_svd=svd).double()
+        results[tol, svd] = _training_mode_bounds(net.train(), x, path)
+    assert results[None, False] == (pytest.approx(results[None, False][0]), 1)
+    assert results[None, False][0] > 1.5  # measured 1.66
+    assert results[1e-4, False][0] <= 1 + 1e-6  # measured 1 + 2.4e-8
+    assert results[1e-4, False][1] > 1
+    assert results[None, True] == (pytest.approx(1.0, abs=1e-12), 1)  # exact
+
+
+def test_training_sigma_options_are_checked():
+    with pytest.raises(ValueError, match=r"power_iteration_tol=0 must be null .* or in \(0, 1\)"):
+        LipschitzMLP(2, 8, 1, power_iteration_tol=0)
+    with pytest.raises(ValueError, match=r"power_iteration_tol=0.001 and training_svd=true both"):
+        IResNet(2, num_blocks=1, power_iteration_tol=1e-3, training_svd=True)
+
+
+def test_power_iteration_does_not_stop_while_v_still_turns():
+    """``A = diag(1, 0.98, 0.3)`` from ``v ~ (0.05, 1, 1)``: the third component dies first,
+    so ``sigma_hat``'s changes shrink fast (ratio ~0.09) while ``v`` still turns from the
+    second axis to the first. A stop on ``sigma_hat``'s changes alone ended at 0.98006 after
+    3 steps."""
+    matrix = torch.diag(torch.tensor([1.0, 0.98, 0.3], dtype=torch.float64))
+    start = torch.tensor([0.05, 1.0, 1.0], dtype=torch.float64)
+    sigma, u, v, steps, converged = top_singular_value(
+        lambda v: matrix @ v, lambda u: matrix.T @ u, start, rtol=1e-6)
+    assert converged and sigma == pytest.approx(1.0, rel=2e-6)
+    assert abs(float(v[0])) == pytest.approx(1.0, rel=1e-3)
 
 
 def test_eval_mode_converges_the_power_iteration_once_then_leaves_it():

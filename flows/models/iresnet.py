@@ -46,6 +46,10 @@ class IResNet(NormalizingFlow):
             series (see ``ResidualBlock``; ``"neumann_in_forward"`` is for conv nets, whose
             products are autograd's).
         n_power_iterations: power-iteration steps per training forward of each linear.
+        power_iteration_tol: ``None``, or continue each training forward's power iteration
+            until a step moves ``u, v`` by at most it (``SpectralNormalization``; e.g. 1e-3).
+        training_svd: take each training forward's singular vectors from the SVD of every
+            weight instead of power steps: exact ``sigma`` in training.
         inverse_method: each block's inverse: ``"auto"`` (Newton's method for ``D <= 2``,
             else the fixed-point iteration), ``"newton"`` or ``"fixed_point"``.
         inverse_atol: absolute tolerance of each block's inverse.
@@ -78,6 +82,8 @@ class IResNet(NormalizingFlow):
         probe: str = "gaussian",
         series_gradient: str = "neumann",
         n_power_iterations: int = 1,
+        power_iteration_tol: float | None = None,
+        training_svd: bool = False,
         inverse_method: str = "auto",
         inverse_atol: float = 1e-5,
         inverse_rtol: float = 1e-5,
@@ -88,7 +94,7 @@ class IResNet(NormalizingFlow):
         blocks = [
             ResidualBlock(
                 LipschitzMLP(features, hidden_features, num_hidden, activation, lipschitz_coeff,
-                             n_power_iterations),
+                             n_power_iterations, power_iteration_tol, training_svd),
                 logdet=logdet,
                 num_terms=num_terms,
                 num_probes=num_probes,
@@ -131,6 +137,8 @@ class ConvIResNet(NormalizingFlow):
         num_terms, num_probes, eval_num_terms, eval_num_probes, probe, series_gradient: the
             log-det series (see ``ResidualBlock``).
         n_power_iterations: power-iteration steps per training forward of each convolution.
+        power_iteration_tol: ``None``, or continue each training forward's power iteration
+            until a step moves ``u, v`` by at most it (``SpectralNormalization``; e.g. 1e-3).
         inverse_atol, inverse_rtol, inverse_max_iterations: each block's fixed-point inverse.
         alpha: the logit transform's ``alpha``.
         compile: run each block's series in training steps through ``torch.compile``
@@ -157,6 +165,7 @@ class ConvIResNet(NormalizingFlow):
         probe: str = "gaussian",
         series_gradient: str = "neumann",
         n_power_iterations: int = 1,
+        power_iteration_tol: float | None = None,
         inverse_atol: float = 1e-5,
         inverse_rtol: float = 1e-5,
         inverse_max_iterations: int = 1000,
@@ -170,7 +179,7 @@ class ConvIResNet(NormalizingFlow):
 
         def block(block_shape: tuple[int, int, int]) -> list[Bijection]:
             net = LipschitzConvNet(block_shape, hidden_channels, activation, lipschitz_coeff,
-                                   n_power_iterations, compile)
+                                   n_power_iterations, compile, power_iteration_tol)
             residual = ResidualBlock(
                 net, logdet="series", num_terms=num_terms, num_probes=num_probes,
                 eval_num_terms=eval_num_terms, eval_num_probes=eval_num_probes, probe=probe,

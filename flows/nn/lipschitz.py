@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,11 +50,12 @@ class SpectralNormalization(nn.Module):
     Gradients flow through ``sigma_hat`` with ``u, v`` fixed (Miyato et al.).
 
     ``u^T W v <= sigma(W)`` for unit vectors, and while the weights move a few power steps per
-    training step trail the true ``sigma`` (measured: 1-3% low for a conv i-ResNet at Adam lr
-    5e-3, so the layers ran at up to ``1.03 c``; up to ``1.07 c`` for the default 2-D
-    i-ResNet; at Adam lr 1e-2 with c = 0.99 up to ``1.3-1.4 c``, where a block can stop being
-    invertible: ``flows.nn.mlp_jacobian.logdet_exact`` then gives NaN; more steps per forward,
-    ``n_power_iterations``, narrow the lag). So the first eval-mode use after training, after
+    training step trail the true ``sigma`` (``benchmarks/spectral_lag.py``, 1,000 steps at
+    the configs' rates: the default 2-D i-ResNet's layers up to ``1.12 c``; the 8x8 conv
+    i-ResNet's up to ``1.05 c`` with its 5 steps; at Adam lr 1e-2 on heavy-tailed data up to
+    ``1.6 c``, where a block can stop being invertible: ``flows.nn.mlp_jacobian.logdet_exact``
+    then gives NaN; ``power_iteration_tol`` and ``training_svd``, below, close the gap). So
+    the first eval-mode use after training, after
     loading a state dict, or after the weight changed in eval mode (another tensor, or its
     version counter moved: an optimizer step, a copy, an average; a write through ``.data``
     bypasses the version counter and is not seen, nor is anything while ``torch.compile``
@@ -64,6 +66,19 @@ class SpectralNormalization(nn.Module):
     Vectors that are already converged for the weight (as in a state dict saved from eval
     mode) are kept as they are, so reloading reproduces evaluations exactly.
 
+    With ``power_iteration_tol`` set (Residual Flows' ``--sn-tol``), every training-mode
+    evaluation continues the power iteration until a step moves neither unit vector ``u, v``
+    by more than that (2-norm; at most ``TRAINING_MAX_POWER_ITERATIONS`` steps), for one host
+    read per step (``last_power_iterations`` counts the steps). Near the top singular vectors
+    the relative error of ``sigma_hat`` is of the order of the square of the vectors' error,
+    so the weights used in training keep ``sigma(W_hat)`` close to ``c`` too (measured in
+    ``benchmarks/spectral_lag.py``). A stop on ``sigma_hat``'s own changes would not do: after
+    a large weight change ``sigma_hat`` can rise by 0.3% and then 0.14% a step while ``u, v``
+    still turn by 0.04 a step, 13% below ``sigma``. With ``training_svd`` (matrices) every
+    training-mode evaluation takes ``u, v`` from the SVD of the weight instead: ``sigma_hat``
+    is then ``sigma`` and its gradient ``u v^T`` that of ``sigma`` itself (0.13 ms for a 32 x
+    32 weight on 2 CPU threads, 1.3 ms for 128 x 128; a power step is ~7 us).
+
     Within ``frozen_power_iteration`` (the residual blocks' inverse) training mode takes no
     power-iteration step either: every evaluation uses ``u, v`` as the last training forward
     left them, so the inverse inverts exactly the map that forward applied.
@@ -71,29 +86,40 @@ class SpectralNormalization(nn.Module):
     Args:
         weight: the weight to normalise, used for the shape and to initialise ``u, v``.
         coeff: the target spectral norm ``c``, in (0, 1).
-        n_power_iterations: power-iteration steps per training-mode evaluation.
+        n_power_iterations: power-iteration steps per training-mode evaluation (with
+            ``power_iteration_tol``: at least that many).
         eps: guards the normalisation of ``u, v``.
+        power_iteration_tol: ``None``, or continue every training-mode evaluation's power
+            iteration until a step moves ``u`` and ``v`` by at most this (e.g. 1e-3).
+        training_svd: every training-mode evaluation takes ``u, v`` from the SVD instead of
+            power steps (exact; matrices only).
 
     References:
         Behrmann et al., Invertible Residual Networks (2019), https://arxiv.org/abs/1811.00995
+        Chen et al., Residual Flows for Invertible Generative Modeling (2019),
+        https://arxiv.org/abs/1906.02735 (the tolerance-based power iteration)
     """
 
     def __init__(
-        self, weight: Tensor, coeff: float = 0.9, n_power_iterations: int = 1, eps: float = 1e-12
+        self, weight: Tensor, coeff: float = 0.9, n_power_iterations: int = 1, eps: float = 1e-12,
+        power_iteration_tol: float | None = None, training_svd: bool = False,
     ) -> None:
         super().__init__()
         _check_coeff(coeff)
         self.check_weight(weight)
         if n_power_iterations < 1:
             raise ValueError(f"n_power_iterations={n_power_iterations} must be >= 1")
+        _check_training_sigma(power_iteration_tol, training_svd)
         self.coeff = coeff
         self.n_power_iterations = n_power_iterations
+        self.power_iteration_tol = power_iteration_tol
+        self.training_svd = training_svd
+        self.last_power_iterations = 0  # steps of the last training-mode evaluation
         self.eps = eps
         u_shape, v_shape = self.vector_shapes(weight)
         self.register_buffer("u", unit(weight.new_empty(u_shape).normal_(), eps))
         self.register_buffer("v", unit(weight.new_empty(v_shape).normal_(), eps))
-        # 15 steps at construction, as torch's spectral_norm, so the first batch is already close.
-        self.power_iterate_(weight.detach(), 15)
+        self.initialize_vectors_(weight.detach())
         self.stale = True  # u, v not converged for the current weight (see converge_)
         self.converged_for: tuple[weakref.ref, int] | None = None  # see _identity
         self.frozen = False  # set by frozen_power_iteration
@@ -102,6 +128,20 @@ class SpectralNormalization(nn.Module):
     def updating(self) -> bool:
         """Whether an evaluation advances the power iteration: training mode, not frozen."""
         return self.training and not self.frozen
+
+    def initialize_vectors_(self, weight: Tensor) -> None:
+        """``u, v`` for the initial weight: its top singular vectors (``svd_vectors_``), so the
+        first training forward normalises with the true ``sigma``. 15 power steps from a
+        random start, as torch's ``spectral_norm``, left ``sigma_hat`` 11% below ``sigma``
+        for a 128 x 128 linear of the 2-D i-ResNet."""
+        self.svd_vectors_(weight)
+
+    @torch.no_grad()
+    def svd_vectors_(self, weight: Tensor) -> None:
+        """``u, v``: the top singular vectors of the matrix, from its SVD."""
+        left, _, right = torch.linalg.svd(weight, full_matrices=False)
+        self.u.copy_(left[:, 0])
+        self.v.copy_(right[0])
 
     def check_weight(self, weight: Tensor) -> None:
         if weight.dim() != 2:
@@ -120,14 +160,26 @@ class SpectralNormalization(nn.Module):
         return _matvec_adjoint(weight, u)
 
     @torch.no_grad()
-    def power_iterate_(self, weight: Tensor, num_iterations: int) -> None:
-        """Run ``num_iterations`` power-iteration steps on ``u, v`` in place."""
+    def power_iterate_(self, weight: Tensor, num_iterations: int, tol: float | None = None
+                       ) -> int:
+        """Run ``num_iterations`` power-iteration steps on ``u, v`` in place, or with ``tol``
+        stop after the first that moves neither by more than ``tol`` (2-norm; one host read
+        per step); returns the steps taken."""
         u, v = self.u, self.v
-        for _ in range(num_iterations):
-            v = unit(self.operator_adjoint(weight, u), self.eps)
-            u = unit(self.operator(weight, v), self.eps)
+        steps = 0
+        while steps < num_iterations:
+            steps += 1
+            v_next = unit(self.operator_adjoint(weight, u), self.eps)
+            u_next = unit(self.operator(weight, v_next), self.eps)
+            if tol is not None:
+                moved = torch.maximum(torch.linalg.vector_norm(v_next - v),
+                                      torch.linalg.vector_norm(u_next - u))
+            u, v = u_next, v_next
+            if tol is not None and float(moved) <= tol:
+                break
         self.u.copy_(u)
         self.v.copy_(v)
+        return steps
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate ``sigma_hat = u^T W v = |W v|`` of the largest singular value.
@@ -168,6 +220,26 @@ class SpectralNormalization(nn.Module):
         left, values, right = torch.linalg.svd(weight, full_matrices=False)
         return float(values[0]), left[:, 0], right[0], 0
 
+    @torch.no_grad()
+    def advance_(self, weight: Tensor) -> None:
+        """Training mode, not frozen: the power-iteration steps before the last one (which
+        ``spectral_normalize`` takes with the gradient's ``sigma_hat``): ``n_power_iterations
+        - 1`` of them, then with ``power_iteration_tol`` on until a step moves ``u, v`` by at
+        most that; with ``training_svd`` the SVD's vectors instead. Elsewhere nothing."""
+        if not self.updating:
+            return
+        if self.training_svd:
+            self.svd_vectors_(weight)
+            self.last_power_iterations = 1
+            return
+        steps = self.n_power_iterations
+        if steps > 1:
+            self.power_iterate_(weight, steps - 1)
+        if self.power_iteration_tol is not None:
+            steps += self.power_iterate_(weight, TRAINING_MAX_POWER_ITERATIONS,
+                                         self.power_iteration_tol)
+        self.last_power_iterations = steps
+
     def refresh_(self, weight: Tensor) -> None:
         """Training mode: the weight will change, mark ``u, v`` stale. Eval mode: converge
         them if stale, or if the weight changed since they converged (``_unchanged``)."""
@@ -182,8 +254,7 @@ class SpectralNormalization(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         self.refresh_(weight)
-        if self.updating and self.n_power_iterations > 1:
-            self.power_iterate_(weight, self.n_power_iterations - 1)
+        self.advance_(weight)
         weight_hat, u, v = spectral_normalize(
             weight, self.u, self.v, self.coeff, self.eps, update=self.updating,
             apply=self.operator, apply_adjoint=self.operator_adjoint,
@@ -193,6 +264,22 @@ class SpectralNormalization(nn.Module):
                 self.u.copy_(u)
                 self.v.copy_(v)
         return weight_hat
+
+
+TRAINING_MAX_POWER_ITERATIONS = 200
+"""The cap on ``power_iteration_tol``'s steps in one training-mode evaluation."""
+
+
+def _check_training_sigma(tol: float | None, training_svd: bool) -> None:
+    if tol is not None and not 0.0 < tol < 1.0:
+        raise ValueError(
+            f"power_iteration_tol={tol} must be null (a fixed n_power_iterations) or in "
+            f"(0, 1), e.g. 1e-3 (Residual Flows' --sn-tol)")
+    if tol is not None and training_svd:
+        raise ValueError(
+            f"power_iteration_tol={tol} and training_svd=true both set how training estimates "
+            f"sigma: the SVD is exact, so keep one (power_iteration_tol=null or "
+            f"training_svd=false)")
 
 
 def _traceable(weight: Tensor) -> bool:
@@ -235,22 +322,30 @@ def top_singular_value(
     ``sigma_1`` geometrically, ``sigma_1 - sigma_k ~ r^k``, so after a change ``d_k`` about
     ``d_k r / (1 - r)`` remains, with ``r ~ d_k / d_{k-1}``: it stops when that is at most
     ``rtol * sigma_k`` (a bare small change stops too early when the top singular values are
-    close) or when the change is at the rounding floor of the dtype. Returns ``(sigma, u, v,
-    steps, converged)`` with ``u = A v / sigma``. A lower bound on ``sigma_1`` that converges
-    to it from almost every start.
+    close) and ``v`` moved by at most ``sqrt(rtol)`` in the step, or when the change is at the
+    rounding floor of the dtype. Before the geometric regime the changes can shrink for a few
+    steps while ``v`` still turns towards ``sigma_1``'s vector (measured: 0.3%, then 0.14% a
+    step, 13% below ``sigma_1``, with ``v`` turning by 0.04 a step): the second condition
+    keeps the rule from stopping there; near ``sigma_1``'s vector the relative error of
+    ``sigma`` is of the order of the square of ``v``'s. Returns ``(sigma, u, v, steps,
+    converged)`` with ``u = A v / sigma``. A lower bound on ``sigma_1`` that converges to it
+    from almost every start.
     """
     v = unit(v, eps)
     previous = float(torch.linalg.vector_norm(apply(v)))
     previous_change = 0.0
     floor = 16 * torch.finfo(v.dtype).eps
     for step in range(1, max_iterations + 1):
-        v = unit(apply_adjoint(unit(apply(v), eps)), eps)
-        applied = apply(v)
-        sigma = float(torch.linalg.vector_norm(applied))
+        v_next = unit(apply_adjoint(unit(apply(v), eps)), eps)
+        applied = apply(v_next)
+        sigma, moved = torch.stack([torch.linalg.vector_norm(applied),
+                                    torch.linalg.vector_norm(v_next - v)]).tolist()
+        v = v_next
         change = abs(sigma - previous)
         ratio = min(change / previous_change, 0.999) if previous_change else 0.0
         if change <= floor * sigma or (
-                previous_change and change * ratio / (1.0 - ratio) <= rtol * sigma):
+                previous_change and change * ratio / (1.0 - ratio) <= rtol * sigma
+                and moved <= math.sqrt(rtol)):
             return sigma, applied / max(sigma, eps), v, step, True
         previous, previous_change = sigma, change
     return sigma, applied / max(sigma, eps), v, max_iterations, False
@@ -296,12 +391,15 @@ def spectral_normalize(
 
 
 def spectral_norm_(
-    module: nn.Module, coeff: float = 0.9, n_power_iterations: int = 1, name: str = "weight"
+    module: nn.Module, coeff: float = 0.9, n_power_iterations: int = 1, name: str = "weight",
+    power_iteration_tol: float | None = None, training_svd: bool = False,
 ) -> nn.Module:
     """Register ``SpectralNormalization`` on ``module.<name>`` in place and return ``module``."""
     weight = getattr(module, name)
     parametrize.register_parametrization(
-        module, name, SpectralNormalization(weight, coeff, n_power_iterations)
+        module, name, SpectralNormalization(weight, coeff, n_power_iterations,
+                                            power_iteration_tol=power_iteration_tol,
+                                            training_svd=training_svd)
     )
     return module
 
@@ -373,6 +471,9 @@ class LipschitzMLP(nn.Module):
         activation: ``"elu"`` or ``"lipswish"``.
         coeff: spectral-norm target ``c`` of each linear, in (0, 1).
         n_power_iterations: power-iteration steps per training-mode forward.
+        power_iteration_tol: ``None``, or continue each training-mode forward's power
+            iteration until a step moves ``u, v`` by at most it (``SpectralNormalization``).
+        training_svd: take each training-mode forward's ``u, v`` from the SVD instead.
     """
 
     def __init__(
@@ -383,6 +484,8 @@ class LipschitzMLP(nn.Module):
         activation: str = "lipswish",
         coeff: float = 0.9,
         n_power_iterations: int = 1,
+        power_iteration_tol: float | None = None,
+        training_svd: bool = False,
     ) -> None:
         super().__init__()
         _check_coeff(coeff)
@@ -390,7 +493,8 @@ class LipschitzMLP(nn.Module):
             raise ValueError(f"activation={activation!r} must be one of {sorted(ACTIVATIONS)}")
         sizes = [features] + [hidden_features] * num_hidden + [features]
         self.linears = nn.ModuleList(
-            spectral_norm_(nn.Linear(n_in, n_out), coeff, n_power_iterations)
+            spectral_norm_(nn.Linear(n_in, n_out), coeff, n_power_iterations,
+                           power_iteration_tol=power_iteration_tol, training_svd=training_svd)
             for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
         )
         self.activations = nn.ModuleList(ACTIVATIONS[activation]() for _ in range(num_hidden))
@@ -445,16 +549,14 @@ class LipschitzMLP(nn.Module):
         ``gradient``), read from this module's state.
 
         Refreshes every ``SpectralNormalization`` first (a stale one converges in eval mode)
-        and, in training mode with ``n_power_iterations > 1``, runs the extra power steps.
+        and, in training mode, runs its power steps before the last (``advance_``).
         """
         normalizations = self._normalizations()
         weights = [linear.parametrizations.weight.original for linear in self.linears]
         for normalization, weight in zip(normalizations, weights, strict=True):
             normalization.refresh_(weight)
+            normalization.advance_(weight)
         updating = normalizations[0].updating
-        if updating and normalizations[0].n_power_iterations > 1:
-            for normalization, weight in zip(normalizations, weights, strict=True):
-                normalization.power_iterate_(weight, normalization.n_power_iterations - 1)
         return (weights, [linear.bias for linear in self.linears],
                 [p.u for p in normalizations], [p.v for p in normalizations],
                 self._activation_params(), self.activation, self.coeff, normalizations[0].eps,

@@ -43,13 +43,17 @@ class ConvSpectralNormalization(SpectralNormalization):
         coeff: the target operator norm ``c``, in (0, 1).
         n_power_iterations: power-iteration steps per training-mode evaluation.
         eps: guards the normalisation of ``u, v``.
+        power_iteration_tol: ``None``, or continue each training-mode evaluation's power
+            iteration until a step moves ``u, v`` by at most it (``SpectralNormalization``).
     """
 
     def __init__(self, weight: Tensor, input_shape: Sequence[int], coeff: float = 0.9,
-                 n_power_iterations: int = 1, eps: float = 1e-12) -> None:
+                 n_power_iterations: int = 1, eps: float = 1e-12,
+                 power_iteration_tol: float | None = None) -> None:
+        # no training_svd: the operator's matrix (C H W square) is too large to factor
         self.input_shape = tuple(input_shape)
         self.padding = weight.shape[-1] // 2
-        super().__init__(weight, coeff, n_power_iterations, eps)
+        super().__init__(weight, coeff, n_power_iterations, eps, power_iteration_tol)
 
     def check_weight(self, weight: Tensor) -> None:
         channels = self.input_shape[0]
@@ -59,6 +63,13 @@ class ConvSpectralNormalization(SpectralNormalization):
                 f"in = input channels; got kernel {tuple(weight.shape)} for input "
                 f"{self.input_shape}"
             )
+
+    @torch.no_grad()
+    def initialize_vectors_(self, weight: Tensor) -> None:
+        """15 power steps from the random start, as torch's ``spectral_norm``: the operator's
+        matrix (``C H W`` square) is too large to factor, and converging the power iteration
+        for every convolution of a large model would take long."""
+        self.power_iterate_(weight, 15)
 
     def vector_shapes(self, weight: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
         _, height, width = self.input_shape
@@ -92,6 +103,8 @@ class LipschitzConvNet(nn.Module):
         activation: ``"elu"`` or ``"lipswish"`` (smooth, as the log-det gradient needs).
         coeff: operator-norm target ``c`` of each convolution, in (0, 1).
         n_power_iterations: power-iteration steps per training forward.
+        power_iteration_tol: ``None``, or continue each training forward's power iteration
+            until a step moves ``u, v`` by at most it (``SpectralNormalization``).
         compile: run the training steps' series through ``torch.compile``
             (``forward_with_series_logdet``; eager with a warning if compiling fails).
 
@@ -102,7 +115,8 @@ class LipschitzConvNet(nn.Module):
 
     def __init__(self, shape: Sequence[int], hidden_channels: int = 32,
                  activation: str = "elu", coeff: float = 0.9,
-                 n_power_iterations: int = 1, compile: bool = False) -> None:
+                 n_power_iterations: int = 1, compile: bool = False,
+                 power_iteration_tol: float | None = None) -> None:
         super().__init__()
         _check_coeff(coeff)
         if activation not in ACTIVATIONS:
@@ -114,7 +128,8 @@ class LipschitzConvNet(nn.Module):
                                           (hidden_channels, channels, 3)):
             conv = nn.Conv2d(size_in, size_out, kernel, padding=kernel // 2)
             parametrize.register_parametrization(conv, "weight", ConvSpectralNormalization(
-                conv.weight, (size_in, height, width), coeff, n_power_iterations))
+                conv.weight, (size_in, height, width), coeff, n_power_iterations,
+                power_iteration_tol=power_iteration_tol))
             layers.append(conv)
         self.convs = nn.ModuleList(layers)
         self.activations = nn.ModuleList(ACTIVATIONS[activation]() for _ in range(2))
