@@ -116,6 +116,24 @@ def check_settings(cfg: DictConfig, settings: dict[str, Setting]) -> None:
             raise ValueError(f"{key}={value!r}: {wanted}")
 
 
+# (a setting, when the chosen config ignores it, why and what to do): given on the command
+# line in that case it is refused, not silently dropped
+IGNORED_SETTINGS: list[tuple[str, Callable[[DictConfig], bool], str]] = [
+    ("model.log_scale_clamp", lambda cfg: cfg.model.get("coupling") == "additive",
+     "additive couplings (model=nice, model.coupling=additive) have no log-scales to bound; "
+     "drop it, or use model.coupling=affine"),
+]
+
+
+def check_overrides_take_effect(cfg: DictConfig, overrides: list[str]) -> None:
+    """A ``ValueError`` for a command-line ``key=value`` (``+``/``++`` too) that ``cfg``
+    ignores (``IGNORED_SETTINGS``)."""
+    given = {override.lstrip("+~").split("=", 1)[0] for override in overrides}
+    for key, ignored, why in IGNORED_SETTINGS:
+        if key in given and ignored(cfg):
+            raise ValueError(f"{key} has no effect here: {why}")
+
+
 def whole(least: int, wanted: str) -> Setting:
     """An int of at least ``least``."""
     return int, lambda value: value >= least, wanted

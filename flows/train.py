@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from flows.cli import (
     JobRefused,
     check_config_types,
+    check_overrides_take_effect,
     check_settings,
     remove_created_run_folder,
     resolve_run_dir,
@@ -85,6 +86,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
     check_config_types(cfg)  # a seed that is not an int fails here, through data.seed
     check_settings(cfg, {"compile_step": switch("compile_step"), "test": switch("test"),
                          "threads": THREADS})
+    if HydraConfig.initialized():
+        check_overrides_take_effect(cfg, list(HydraConfig.get().overrides.task))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
