@@ -2,16 +2,17 @@
 
 In training mode each forward takes ``n_power_iterations`` power-iteration steps from the
 vectors the last forward left, so while Adam moves the weights ``sigma_hat`` trails the true
-``sigma`` and a normalised weight can exceed ``c``. ``power_iteration_tol`` (Residual Flows'
-``--sn-tol``) continues until the singular vectors stop moving. This trains the configs' i-ResNets
-(``conf/``, eagerly, Adam at the config's rate held constant: no warm-up or decay, the fastest
-the weights move) on batches of the real data, all variants of a case in lockstep (one step
-of each in turn, so the timings share the machine's state), and after every ``--every``-th
-training forward measures, for every normalised weight, ``sigma(W_hat) / c`` with the
-``sigma_hat`` that forward used and the exact ``sigma`` (float64 SVD for a matrix, the power
-iteration from a fixed random start to 1e-6 for a conv operator), and for every residual
-block the product of its layers' ``sigma(W_hat)``: the Lipschitz bound of ``g`` in force
-(1-Lipschitz activations), which must stay below 1 for the block to be a contraction.
+``sigma`` and a normalised weight can exceed ``c``. ``power_iteration_tol`` (like Residual
+Flows' ``--sn-tol``) continues until the singular vectors stop moving; ``training_svd`` takes
+them from the SVD. This trains the configs' i-ResNets (``conf/``, eagerly, Adam at the config's
+rate held constant: no warm-up or decay, the fastest the weights move) on batches of the real
+data, all variants of a case in lockstep (one step of each in turn, so the timings share the
+machine's state), and after every ``--every``-th training forward measures, for every
+normalised weight, ``sigma(W_hat) / c`` with the ``sigma_hat`` that forward used and the exact
+``sigma`` (float64 SVD for a matrix, the power iteration from a fixed random start to 1e-6 for
+a conv operator), and for every residual block the product of its layers' ``sigma(W_hat)``: the
+Lipschitz bound of ``g`` in force (1-Lipschitz activations), which must stay below 1 for the
+block to be a contraction.
 
     python benchmarks/spectral_lag.py --steps 1000
     python benchmarks/spectral_lag.py --cases digits --steps 300 --every 10

@@ -53,18 +53,21 @@ def test_newton_solves_a_near_critical_map(features):
     assert evaluations < iterations / 10  # quadratic against linear convergence
 
 
-def test_newton_with_a_singular_jacobian_falls_back_to_the_contraction():
+@pytest.mark.parametrize("rtol", [0.0, 1e-5])
+def test_newton_with_a_singular_jacobian_falls_back_to_the_contraction(rtol):
     """A Jacobian reported as ``-I`` makes every Newton step ``F / 0`` (inf or NaN): each is
-    rejected and the fixed-point steps still converge."""
+    rejected and the fixed-point steps still converge. With ``rtol > 0`` an infinite step to
+    an infinite point passes ``|step| <= atol + rtol |x|`` (inf <= inf): it was taken as
+    converged at inf."""
     g_and_jacobian = wobble(0.5, 3.0)
     z = torch.linspace(-3, 3, 11, dtype=torch.float64).unsqueeze(1)
 
     def minus_identity(x):
         return g_and_jacobian(x)[0], -torch.ones(len(x), 1, 1, dtype=x.dtype)
 
-    x, evaluations, converged = newton_solve(minus_identity, z, 1e-12, 0.0, 500)
+    x, evaluations, converged = newton_solve(minus_identity, z, 1e-12, rtol, 500)
     assert converged and torch.isfinite(x).all()
-    assert max_residual(g_and_jacobian, x, z) < 1e-11
+    assert max_residual(g_and_jacobian, x, z) < (1e-11 if rtol == 0 else 1e-4)
 
 
 def test_newton_keeps_the_event_shape():
@@ -143,3 +146,33 @@ def test_a_non_finite_sample_stops_counting(method, bad):
     assert block.last_inverse_iterations == clean_iterations
     assert not torch.isfinite(x_back[5]).all() and not torch.isfinite(logdet[5])
     assert torch.isfinite(logdet[keep]).all()
+
+
+def test_a_non_finite_sample_does_not_hide_the_others_non_convergence():
+    """With one NaN sample and too few iterations for the rest, both are reported, and the
+    residual is the finite samples' (a NaN one would hide it)."""
+    net = make_net(features=3, coeff=0.99)
+    x = 3 * torch.randn(16, 3, dtype=torch.float64)
+    block = ResidualBlock(net, logdet="exact", inverse_method="fixed_point",
+                          inverse_max_iterations=2)
+    with torch.no_grad():
+        z, _ = block(x)
+        z[5, 1] = float("nan")
+        with pytest.warns(RuntimeWarning) as record:
+            block.inverse(z)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "1 of 16 samples are not finite" in messages
+    assert "did not converge" in messages
+    assert 1e-6 < block.last_inverse_residual < 1.0
+
+
+def test_newton_stops_at_once_for_non_finite_weights():
+    """NaN weights make every ``g(z)`` NaN: no sample can converge, none is waited for (it ran
+    to the iteration cap)."""
+    net = make_net(features=2)
+    with torch.no_grad():
+        net.linears[0].parametrizations.weight.original.fill_(float("nan"))
+    block = ResidualBlock(net, logdet="exact", inverse_method="newton")
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="8 of 8 samples are not finite"):
+        block.inverse(torch.randn(8, 2, dtype=torch.float64))
+    assert block.last_inverse_iterations == 1

@@ -381,21 +381,22 @@ class ResidualBlock(Bijection):
                 x = self._implicit_gradient(x, z)
             z_back, logdet = self(x)
         error = (z_back - z).detach().abs().flatten(1)
-        residual = float(error.max())
+        lost = not_finite(error)
+        # the finite samples' residual: a lost sample's NaN would hide it
+        residual = float(torch.where(lost[:, None], 0.0, error).max())
         self.last_inverse_iterations = iterations
         self.last_inverse_residual = residual
-        lost = not_finite(error)
         if bool(lost.any()):
             from_z = int((lost & not_finite(z)).sum())
             warnings.warn(
                 f"ResidualBlock inverse: {int(lost.sum())} of {len(z)} samples are not finite "
-                f"(NaN or inf), {from_z} of them already in its input z; the others stopped "
-                f"after {iterations} iterations. Find where the first non-finite value "
-                f"appears (the blocks inverted before this one, or the values passed in)",
+                f"(NaN or inf), {from_z} of them already in its input z (else from this block: "
+                f"non-finite weights, or I + J_g singular where Lip(g) >= 1). Find where the "
+                f"first non-finite value appears",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        elif not converged:
+        if not converged:
             warnings.warn(
                 f"ResidualBlock inverse did not converge: max|x + g(x) - z| = {residual:.3g} "
                 f"after {iterations} {'Newton' if self.newton_inverse(z) else 'fixed-point'} "

@@ -51,8 +51,9 @@ def solve_identity_plus(jac: Tensor, rhs: Tensor) -> Tensor:
 
 
 def _settled(step: Tensor, x: Tensor, atol: float, rtol: float) -> Tensor:
-    """Per sample, whether every element moved by at most ``atol + rtol |x|``, ``(B,)``."""
-    return (step.abs() <= atol + rtol * x.abs()).flatten(1).all(1)
+    """Per sample, whether every element moved by at most ``atol + rtol |x|`` and ``x`` is
+    finite, ``(B,)`` (an infinite step to an infinite ``x`` passes the bound alone)."""
+    return (step.abs() <= atol + rtol * x.abs()).flatten(1).all(1) & ~not_finite(x)
 
 
 def not_finite(x: Tensor) -> Tensor:
@@ -65,7 +66,8 @@ def fixed_point_solve(g: Callable[[Tensor], Tensor], z: Tensor, atol: float, rto
     """``x <- z - g(x)`` from ``x = z``: ``(x, iterations, converged)``.
 
     A sample whose iterate is not finite (a NaN or infinite ``z``, non-finite weights) stays
-    so and stops counting: the others end the iteration, and ``converged`` is ``False``.
+    so and stops counting: the others end the iteration, and ``converged`` speaks for them
+    (the caller finds the non-finite samples in the result).
     """
     x = z
     for iteration in range(1, max_iterations + 1):
@@ -74,7 +76,7 @@ def fixed_point_solve(g: Callable[[Tensor], Tensor], z: Tensor, atol: float, rto
         done = bool((_settled(x_next - x, x_next, atol, rtol) | lost).all())  # one host read
         x = x_next
         if done:
-            return x, iteration, not bool(lost.any())
+            return x, iteration, True
     return x, max_iterations, False
 
 
@@ -90,8 +92,9 @@ def newton_solve(g_and_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]], z: T
     ``x - F(x)`` from its previous point instead. Accepted points halve that smallest
     residual, which bounds the error (``|x - x*|_2 <= |F(x)|_2 / (1 - c)``), and fixed-point
     steps contract the error by ``c``, so every sample converges; near the solution every
-    Newton point is accepted. A sample whose ``z`` is not finite cannot converge and stops
-    counting from the start (``converged`` is then ``False``).
+    Newton point is accepted. A sample whose ``z`` or ``g(z)`` is not finite (non-finite
+    weights) cannot converge and stops counting from the start (``converged`` speaks for the
+    others).
     ``evaluations`` counts the calls of ``g_and_jacobian`` (one that re-evaluates only the
     fallen-back samples counts as one) and is capped by ``max_iterations``; at the cap the
     last points take the fixed-point step, which needs no evaluation (``max_iterations=1``:
@@ -105,8 +108,8 @@ def newton_solve(g_and_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]], z: T
         return x + gx.flatten(1) - target, jac
 
     x = z
-    lost = not_finite(z)
     residual, jac = residual_and_jacobian(x, z)
+    lost = not_finite(residual)  # x = z: a non-finite z or g(z)
     best = residual.abs().amax(1)
     evaluations = 1
     while evaluations < max_iterations:
@@ -115,7 +118,7 @@ def newton_solve(g_and_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]], z: T
         # a lost sample counts as settled: never rejected, never waited for
         settled = _settled(step, x_newton, atol, rtol) | lost
         if bool(settled.all()):  # host read
-            return x_newton.view(shape), evaluations, not bool(lost.any())
+            return x_newton.view(shape), evaluations, True
         residual_newton, jac_newton = residual_and_jacobian(x_newton, z)
         evaluations += 1
         size = residual_newton.abs().amax(1)
@@ -129,7 +132,7 @@ def newton_solve(g_and_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]], z: T
             settled = settled.index_copy(
                 0, rejected, _settled(residual[rejected], x_fixed, atol, rtol))
             if bool(settled.all()):  # host read
-                return x_newton.view(shape), evaluations, not bool(lost.any())
+                return x_newton.view(shape), evaluations, True
             if evaluations == max_iterations:
                 return x_newton.view(shape), evaluations, False
             residual_fixed, jac_fixed = residual_and_jacobian(x_fixed, z[rejected])

@@ -53,7 +53,7 @@ class SpectralNormalization(nn.Module):
     training step trail the true ``sigma`` (``benchmarks/spectral_lag.py``, 1,000 steps at
     the configs' rates: the default 2-D i-ResNet's layers up to ``1.12 c``; the 8x8 conv
     i-ResNet's up to ``1.05 c`` with its 5 steps; at Adam lr 1e-2 on heavy-tailed data up to
-    ``1.6 c``, where a block can stop being invertible: ``flows.nn.mlp_jacobian.logdet_exact``
+    ``1.5 c``, where a block can stop being invertible: ``flows.nn.mlp_jacobian.logdet_exact``
     then gives NaN; ``power_iteration_tol`` and ``training_svd``, below, close the gap). So
     the first eval-mode use after training, after
     loading a state dict, or after the weight changed in eval mode (another tensor, or its
@@ -66,12 +66,14 @@ class SpectralNormalization(nn.Module):
     Vectors that are already converged for the weight (as in a state dict saved from eval
     mode) are kept as they are, so reloading reproduces evaluations exactly.
 
-    With ``power_iteration_tol`` set (Residual Flows' ``--sn-tol``), every training-mode
-    evaluation continues the power iteration until a step moves neither unit vector ``u, v``
-    by more than that (2-norm; at most ``TRAINING_MAX_POWER_ITERATIONS`` steps), for one host
-    read per step (``last_power_iterations`` counts the steps). Near the top singular vectors
-    the relative error of ``sigma_hat`` is of the order of the square of the vectors' error,
-    so the weights used in training keep ``sigma(W_hat)`` close to ``c`` too (measured in
+    With ``power_iteration_tol`` set (like Residual Flows' ``--sn-tol``, whose test is the
+    per-element RMS ``|du| / sqrt(n) < atol + rtol max|u|``: the 2-norm here is stricter by
+    about ``sqrt(n)``), every training-mode evaluation continues the power iteration until a
+    step moves neither unit vector ``u, v`` by more than that (2-norm; at most
+    ``TRAINING_MAX_POWER_ITERATIONS`` steps), for one host read per step
+    (``last_power_iterations`` counts the steps). Near the top singular vectors the relative
+    error of ``sigma_hat`` is of the order of the square of the vectors' error, so the weights
+    used in training keep ``sigma(W_hat)`` close to ``c`` too (measured in
     ``benchmarks/spectral_lag.py``). A stop on ``sigma_hat``'s own changes would not do: after
     a large weight change ``sigma_hat`` can rise by 0.3% and then 0.14% a step while ``u, v``
     still turn by 0.04 a step, 13% below ``sigma``. With ``training_svd`` (matrices) every
@@ -138,8 +140,9 @@ class SpectralNormalization(nn.Module):
 
     @torch.no_grad()
     def svd_vectors_(self, weight: Tensor) -> None:
-        """``u, v``: the top singular vectors of the matrix, from its SVD."""
-        left, _, right = torch.linalg.svd(weight, full_matrices=False)
+        """``u, v``: the top singular vectors of the matrix, from its SVD (a non-finite
+        element counts as 0, as in ``converge_``; no host read)."""
+        left, _, right = torch.linalg.svd(_finite(weight), full_matrices=False)
         self.u.copy_(left[:, 0])
         self.v.copy_(right[0])
 
@@ -201,7 +204,9 @@ class SpectralNormalization(nn.Module):
         converge slowly; ``sigma_hat`` is then already close to ``sigma``): the health checks
         (``flows.diagnostics``) measure the resulting bound independently.
         """
-        weight64 = weight.double()  # float32 rounding would stop it ~1e-4 short of sigma
+        # float32 rounding would stop it ~1e-4 short of sigma; a NaN or infinite weight (which
+        # the SVD refuses) counts as 0 here, so u, v stay finite and the layer's output shows it
+        weight64 = _finite(weight).double()
         current = float(torch.linalg.vector_norm(self.operator(weight64, self.v.double())))
         sigma, u, v, steps = self.top_singular(weight64, max_iterations, rtol)
         if sigma - current > rtol * sigma:
@@ -274,12 +279,17 @@ def _check_training_sigma(tol: float | None, training_svd: bool) -> None:
     if tol is not None and not 0.0 < tol < 1.0:
         raise ValueError(
             f"power_iteration_tol={tol} must be null (a fixed n_power_iterations) or in "
-            f"(0, 1), e.g. 1e-3 (Residual Flows' --sn-tol)")
+            f"(0, 1), e.g. 1e-3")
     if tol is not None and training_svd:
         raise ValueError(
             f"power_iteration_tol={tol} and training_svd=true both set how training estimates "
             f"sigma: the SVD is exact, so keep one (power_iteration_tol=null or "
             f"training_svd=false)")
+
+
+def _finite(weight: Tensor) -> Tensor:
+    """``weight`` with its NaN and infinite elements set to 0."""
+    return torch.where(torch.isfinite(weight), weight, 0.0)
 
 
 def _traceable(weight: Tensor) -> bool:
