@@ -221,7 +221,8 @@ def check_resume_settings(saved: DictConfig, current: DictConfig, source: Path) 
     that differs between the run's saved config and the resuming command's."""
     before, now = _run_defining(saved), _run_defining(current)
     changed = [f"{key} ({before.get(key)} -> {now.get(key)})"
-               for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+               for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)
+               and not (key not in before and _added_at_default(key, now[key], now))]
     if changed:
         raise RunFolderError(
             f"error: ckpt_path resumes the run in {source.parent.parent} as it was configured, "
@@ -238,6 +239,23 @@ def _run_defining(cfg: DictConfig) -> dict[str, Any]:
     flat = _current_schedule(_flatten(OmegaConf.to_container(cfg, resolve=False), ""))
     return {key: value for key, value in flat.items()
             if any(key == p or key.startswith(f"{p}.") for p in RUN_DEFINING)}
+
+
+def _added_at_default(key: str, value: Any, flat: dict[str, Any]) -> bool:
+    """Whether ``key`` is an argument of its section's ``_target_`` (in ``flat``, today's
+    config) at that argument's default: a setting added since a run was saved, which leaves
+    the run as it was (e.g. ``model.training_svd: false``, added 2026-12-05). An argument
+    added later must default to the behaviour from before it for this to hold."""
+    section, _, name = key.rpartition(".")
+    target = flat.get(f"{section}._target_")
+    if not isinstance(target, str):
+        return False
+    try:
+        parameter = inspect.signature(get_object(target)).parameters.get(name)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return False
+    return (parameter is not None and parameter.default is not inspect.Parameter.empty
+            and parameter.default == value)
 
 
 def _current_schedule(flat: dict[str, Any]) -> dict[str, Any]:

@@ -199,3 +199,21 @@ def test_a_run_saved_with_the_older_schedule_configs_resumes(tmp_path, scheduler
     saved.scheduler[length] = 500
     with pytest.raises(RunFolderError, match=f"scheduler.{length}"):
         check_resume_settings(saved, compose_train(f"scheduler={scheduler}"), source)
+
+
+def test_a_run_saved_before_a_model_setting_existed_resumes(tmp_path):
+    """An i-ResNet run saved before ``model.training_svd`` and ``model.power_iteration_tol``
+    existed resumes with today's config, where they are at their defaults (it was refused:
+    ``model.training_svd (None -> False)``); setting one of them is still a change."""
+    from omegaconf import open_dict
+
+    from flows.cli import RunFolderError, check_resume_settings
+
+    saved = compose_train("model=iresnet")
+    with open_dict(saved):
+        del saved.model["training_svd"], saved.model["power_iteration_tol"]
+    source = tmp_path / ".hydra" / "config.yaml"
+    check_resume_settings(saved, compose_train("model=iresnet"), source)
+    with pytest.raises(RunFolderError, match=r"model.training_svd \(None -> True\)"):
+        check_resume_settings(saved, compose_train("model=iresnet", "model.training_svd=true"),
+                              source)
