@@ -117,7 +117,8 @@ def check_settings(cfg: DictConfig, settings: dict[str, Setting]) -> None:
 
 
 # (a setting, when the chosen config ignores it, why and what to do): given on the command
-# line in that case it is refused, not silently dropped
+# line in that case it is named in a warning, not silently dropped. A warning, not a refusal:
+# a sweep over models shares its settings, and a run saved with one must still resume.
 IGNORED_SETTINGS: list[tuple[str, Callable[[DictConfig], bool], str]] = [
     ("model.log_scale_clamp", lambda cfg: cfg.model.get("coupling") == "additive",
      "additive couplings (model=nice, model.coupling=additive) have no log-scales to bound; "
@@ -125,13 +126,13 @@ IGNORED_SETTINGS: list[tuple[str, Callable[[DictConfig], bool], str]] = [
 ]
 
 
-def check_overrides_take_effect(cfg: DictConfig, overrides: list[str]) -> None:
-    """A ``ValueError`` for a command-line ``key=value`` (``+``/``++`` too) that ``cfg``
-    ignores (``IGNORED_SETTINGS``)."""
-    given = {override.lstrip("+~").split("=", 1)[0] for override in overrides}
-    for key, ignored, why in IGNORED_SETTINGS:
-        if key in given and ignored(cfg):
-            raise ValueError(f"{key} has no effect here: {why}")
+def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """What to warn about each command-line ``key=value`` (``+``/``++`` too; not a ``~key``
+    deletion) that ``cfg`` ignores (``IGNORED_SETTINGS``)."""
+    given = {override.lstrip("+").split("=", 1)[0] for override in overrides
+             if not override.startswith("~")}
+    return [f"{key} has no effect here: {why}" for key, ignored, why in IGNORED_SETTINGS
+            if key in given and ignored(cfg)]
 
 
 def whole(least: int, wanted: str) -> Setting:
@@ -222,7 +223,7 @@ def check_resume_settings(saved: DictConfig, current: DictConfig, source: Path) 
     before, now = _run_defining(saved), _run_defining(current)
     changed = [f"{key} ({before.get(key)} -> {now.get(key)})"
                for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)
-               and not (key not in before and _added_at_default(key, now[key], now))]
+               and not (key not in before and _added_at_default(key, now[key]))]
     if changed:
         raise RunFolderError(
             f"error: ckpt_path resumes the run in {source.parent.parent} as it was configured, "
@@ -241,21 +242,19 @@ def _run_defining(cfg: DictConfig) -> dict[str, Any]:
             if any(key == p or key.startswith(f"{p}.") for p in RUN_DEFINING)}
 
 
-def _added_at_default(key: str, value: Any, flat: dict[str, Any]) -> bool:
-    """Whether ``key`` is an argument of its section's ``_target_`` (in ``flat``, today's
-    config) at that argument's default: a setting added since a run was saved, which leaves
-    the run as it was (e.g. ``model.training_svd: false``, added 2026-12-05). An argument
-    added later must default to the behaviour from before it for this to hold."""
-    section, _, name = key.rpartition(".")
-    target = flat.get(f"{section}._target_")
-    if not isinstance(target, str):
-        return False
-    try:
-        parameter = inspect.signature(get_object(target)).parameters.get(name)
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return False
-    return (parameter is not None and parameter.default is not inspect.Parameter.empty
-            and parameter.default == value)
+# Settings added since runs were saved, with the value that reproduces what a run saved
+# without them did: at that value their absence is no change. Only settings whose default is
+# the old behaviour belong here (not, say, model.series_gradient, whose default "neumann"
+# replaced backpropagating through every term).
+ADDED_SETTINGS: dict[str, Any] = {
+    "model.power_iteration_tol": None,  # 2026-12-05
+    "model.training_svd": False,  # 2026-12-05
+}
+
+
+def _added_at_default(key: str, value: Any) -> bool:
+    """Whether ``key`` is an ``ADDED_SETTINGS`` setting at its old behaviour's value."""
+    return key in ADDED_SETTINGS and value == ADDED_SETTINGS[key]
 
 
 def _current_schedule(flat: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,10 @@ def residual_lipschitz_bounds(flow: nn.Module) -> dict[str, float]:
 
 
 def _layer_norm(layer: nn.Linear | nn.Conv2d) -> float:
+    """``sigma`` of the layer's weight in use; NaN for a weight with a NaN or infinite element
+    (the SVD refuses one), so the block's bound reads NaN rather than the check failing."""
+    if not bool(torch.isfinite(layer.weight).all()):
+        return math.nan
     if isinstance(layer, nn.Linear):
         return torch.linalg.matrix_norm(layer.weight, ord=2).item()
     normalization = layer.parametrizations.weight[0]

@@ -57,7 +57,8 @@ def evaluate(cfg: DictConfig) -> dict:
     use_tf32(cfg.get("tf32", False))
     flow, run_cfg, run, checkpoint = load_trained(cfg.ckpt, cfg.device)
     bounds = residual_lipschitz_bounds(flow)
-    broken = {name: round(bound, 4) for name, bound in bounds.items() if bound >= 1.0}
+    # "not <": a NaN bound (a non-finite weight) is broken too
+    broken = {name: round(bound, 4) for name, bound in bounds.items() if not bound < 1.0}
     if broken and not cfg.force:
         raise ValueError(
             f"{checkpoint}: residual blocks are not contractive (Lipschitz bound >= 1: "

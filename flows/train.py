@@ -25,8 +25,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from flows.cli import (
     JobRefused,
     check_config_types,
-    check_overrides_take_effect,
     check_settings,
+    ignored_overrides,
     remove_created_run_folder,
     resolve_run_dir,
     switch,
@@ -87,7 +87,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DensityModule, L.Trai
     check_settings(cfg, {"compile_step": switch("compile_step"), "test": switch("test"),
                          "threads": THREADS})
     if HydraConfig.initialized():
-        check_overrides_take_effect(cfg, list(HydraConfig.get().overrides.task))
+        for warning in ignored_overrides(cfg, list(HydraConfig.get().overrides.task)):
+            log.warning(warning)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)

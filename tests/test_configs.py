@@ -169,3 +169,21 @@ def test_commands_run_in_full_float32_unless_tf32_is_asked(tmp_path):
     for name in ("evaluate", "sample"):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             assert compose(name, overrides=["ckpt=x"]).tf32 is False
+
+
+@pytest.mark.parametrize(("overrides", "warned"), [
+    (["model=nice", "model.log_scale_clamp=1"], True),
+    (["model=nice", "+model.log_scale_clamp=1"], True),
+    (["model=realnvp", "model.coupling=additive", "model.log_scale_clamp=3"], True),
+    (["model=nice"], False),
+    (["model=realnvp", "model.log_scale_clamp=3"], False),
+])
+def test_a_setting_the_model_ignores_is_named(overrides, warned):
+    """``model.log_scale_clamp`` given with additive couplings (no log-scales) is named; not
+    a ``~`` deletion, not the config's own value, not an affine model's."""
+    from flows.cli import ignored_overrides
+
+    cfg = compose_train(*[o for o in overrides if not o.startswith("+")])
+    expected = ["model.log_scale_clamp has no effect here: additive couplings"] if warned else []
+    assert [m[:60] for m in ignored_overrides(cfg, overrides)] == [e[:60] for e in expected]
+    assert ignored_overrides(cfg, [*overrides[:1], "~model.log_scale_clamp"]) == []

@@ -988,3 +988,34 @@ def test_a_whole_eval_flow_compiles_into_one_graph():
     with torch.no_grad():
         got = torch.compile(flow.log_prob, fullgraph=True)(x)
     torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_health_checks_flag_a_block_with_non_finite_weights():
+    """A NaN weight makes the block's Lipschitz bound and inverse residual NaN, and the
+    validation health check names the block (the SVD raised ``LinAlgError`` there, and a NaN
+    passed ``>= 1`` and ``max``)."""
+    from types import SimpleNamespace
+
+    from flows.diagnostics import residual_lipschitz_bounds
+    from flows.lit.callbacks import FlowDiagnostics
+
+    torch.manual_seed(0)
+    flow = IResNet(2, num_blocks=2, hidden_features=8)
+    names = [n for n, m in flow.named_modules() if isinstance(m, ResidualBlock)]
+    broken = flow.get_submodule(names[1])
+    with torch.no_grad():
+        broken.net.linears[0].parametrizations.weight.original[0, 0] = float("nan")
+    bounds = residual_lipschitz_bounds(flow)
+    assert bounds[names[0]] < 1 and math.isnan(bounds[names[1]])
+    logged = {}
+    module = SimpleNamespace(flow=flow, device="cpu", dtype=torch.float32,
+                             log_dict=lambda metrics, **_: logged.update(metrics))
+    trainer = SimpleNamespace(sanity_checking=False, global_step=7, datamodule=SimpleNamespace(
+        splits={"val": torch.randn(16, 2)}))
+    with pytest.warns(Warning) as record:
+        FlowDiagnostics(num_points=16).on_validation_epoch_end(trainer, module)
+    messages = " | ".join(str(w.message) for w in record)
+    assert f"not contractive (Lip bound >= 1), the likelihood is not valid: {{'{names[1]}'" \
+        in messages
+    assert "fixed-point inverses not converged" in messages
+    assert math.isnan(logged["diagnostics/max_lipschitz_bound"])

@@ -1,5 +1,7 @@
 """Solvers of ``x + g(x) = z``: against the equation they solve, in float64."""
 
+import math
+
 import pytest
 import torch
 
@@ -176,3 +178,4 @@ def test_newton_stops_at_once_for_non_finite_weights():
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="8 of 8 samples are not finite"):
         block.inverse(torch.randn(8, 2, dtype=torch.float64))
     assert block.last_inverse_iterations == 1
+    assert math.isnan(block.last_inverse_residual)  # no finite sample: not 0

@@ -204,7 +204,9 @@ def test_a_run_saved_with_the_older_schedule_configs_resumes(tmp_path, scheduler
 def test_a_run_saved_before_a_model_setting_existed_resumes(tmp_path):
     """An i-ResNet run saved before ``model.training_svd`` and ``model.power_iteration_tol``
     existed resumes with today's config, where they are at their defaults (it was refused:
-    ``model.training_svd (None -> False)``); setting one of them is still a change."""
+    ``model.training_svd (None -> False)``); setting one of them is still a change, and so is
+    a setting whose default is not the old behaviour (``series_gradient``: "neumann" replaced
+    backpropagating through every term)."""
     from omegaconf import open_dict
 
     from flows.cli import RunFolderError, check_resume_settings
@@ -217,3 +219,7 @@ def test_a_run_saved_before_a_model_setting_existed_resumes(tmp_path):
     with pytest.raises(RunFolderError, match=r"model.training_svd \(None -> True\)"):
         check_resume_settings(saved, compose_train("model=iresnet", "model.training_svd=true"),
                               source)
+    with open_dict(saved):
+        del saved.model["series_gradient"]
+    with pytest.raises(RunFolderError, match=r"model.series_gradient \(None -> neumann\)"):
+        check_resume_settings(saved, compose_train("model=iresnet"), source)

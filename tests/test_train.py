@@ -96,8 +96,6 @@ BAD_INPUT = [
     (["model=iresnet", "model.lipschitz_coeff=1.0"], "(0, 1)"),
     (["model=iresnet", "model.lipschitz_coeff=0"], "(0, 1)"),
     (["model.features=3"], "(3,)"),
-    (["model=nice", "model.log_scale_clamp=1"], "model.log_scale_clamp has no effect here: "
-                                                "additive couplings (model=nice"),
     ("nan-data", "NaN or inf (first at row 17)"),
     ("inf-data", "NaN or inf (first at row 17)"),
     ("huge-data", "values beyond float32's range (+-3.4e38; first at row 17)"),

@@ -382,8 +382,8 @@ class ResidualBlock(Bijection):
             z_back, logdet = self(x)
         error = (z_back - z).detach().abs().flatten(1)
         lost = not_finite(error)
-        # the finite samples' residual: a lost sample's NaN would hide it
-        residual = float(torch.where(lost[:, None], 0.0, error).max())
+        # the finite samples' residual (a lost sample's NaN would hide it); NaN if none is
+        residual = float(error[~lost].max()) if not bool(lost.all()) else math.nan
         self.last_inverse_iterations = iterations
         self.last_inverse_residual = residual
         if bool(lost.any()):

@@ -3,6 +3,7 @@ averaged weights."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -165,6 +166,12 @@ class ImageSamples(L.Callback):
         save_figures(trainer, figures, name)
 
 
+def worst(values: list[float]) -> float:
+    """The largest value, or NaN if any is NaN (Python's ``max`` keeps or drops a NaN
+    depending on where it stands)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 class FlowDiagnostics(L.Callback):
     """Checks at every validation that the flow is still a valid density, and logs them.
 
@@ -212,27 +219,29 @@ class FlowDiagnostics(L.Callback):
             # The reconstruction ran every residual block's fixed-point inverse.
             for name, layer in flow.named_modules():
                 if isinstance(layer, ResidualBlock):
-                    residuals[name] = max(residuals.get(name, 0.0), layer.last_inverse_residual)
-        metrics = {"diagnostics/reconstruction_error": max(errors)}
+                    residuals[name] = worst([residuals.get(name, 0.0),
+                                             layer.last_inverse_residual])
+        metrics = {"diagnostics/reconstruction_error": worst(errors)}
         bounds = residual_lipschitz_bounds(flow)
         saturation = saturated_scales(flow, x[: self.batch_size])
         flow.train(was_training)
         step = trainer.global_step
-        if metrics["diagnostics/reconstruction_error"] > self.reconstruction_warning:
+        if not metrics["diagnostics/reconstruction_error"] <= self.reconstruction_warning:
             rank_zero_warn(f"step {step}: reconstruction error "
                            f"{metrics['diagnostics/reconstruction_error']:.3g} > "
                            f"{self.reconstruction_warning}: the inverse is inaccurate")
         per_layer = [
-            ("max_inverse_residual", residuals, lambda r: r > self.reconstruction_warning,
+            # "not <=": a NaN (non-finite weights or samples) counts as bad
+            ("max_inverse_residual", residuals, lambda r: not r <= self.reconstruction_warning,
              "fixed-point inverses not converged, max|x + g(x) - z| per block"),
-            ("max_lipschitz_bound", bounds, lambda b: b >= 1.0,
+            ("max_lipschitz_bound", bounds, lambda b: not b < 1.0,
              "residual blocks not contractive (Lip bound >= 1), the likelihood is not valid"),
-            ("max_saturated_scale", saturation, lambda f: f > self.saturation_warning,
+            ("max_saturated_scale", saturation, lambda f: not f <= self.saturation_warning,
              "affine couplings with log-scales at their clamp (fraction of scales)"),
         ]
         for key, values, is_bad, problem in per_layer:
             if values:
-                metrics[f"diagnostics/{key}"] = max(values.values())
+                metrics[f"diagnostics/{key}"] = worst(list(values.values()))
                 bad = {name: value for name, value in values.items() if is_bad(value)}
                 if bad:
                     rank_zero_warn(f"step {step}: {problem}: {bad}")
