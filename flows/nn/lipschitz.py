@@ -141,8 +141,11 @@ class SpectralNormalization(nn.Module):
     @torch.no_grad()
     def svd_vectors_(self, weight: Tensor) -> None:
         """``u, v``: the top singular vectors of the matrix, from its SVD (a non-finite
-        element counts as 0, as in ``converge_``; no host read)."""
-        left, _, right = torch.linalg.svd(_finite(weight), full_matrices=False)
+        element counts as 0, as in ``converge_``; no host read), in float32 at least (there is
+        no SVD in half precision)."""
+        matrix = _finite(weight)
+        matrix = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+        left, _, right = torch.linalg.svd(matrix, full_matrices=False)
         self.u.copy_(left[:, 0])
         self.v.copy_(right[0])
 
