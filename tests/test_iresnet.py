@@ -1035,3 +1035,22 @@ def test_training_svd_runs_in_half_precision(dtype):
         exact = float(torch.linalg.matrix_norm(weight.float(), 2))
         assert exact > 1.0  # the normalisation is active
         assert exact / scale == pytest.approx(0.9, rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_power_iteration_tol_converges_in_half_precision(dtype):
+    """The tolerance's steps run in float32: in half precision rounding alone moved the
+    vectors by more than 1e-3 a step, and every forward ran to the 200-step cap."""
+    torch.manual_seed(0)
+    net = LipschitzMLP(2, 32, 2, power_iteration_tol=1e-3).to(dtype).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # Adam's eps is 0 in float16
+    steps = []
+    for _ in range(10):
+        out = net(torch.randn(64, 2, dtype=dtype))
+        (-out.float().square().mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        steps.append(max(linear.parametrizations.weight[0].last_power_iterations
+                         for linear in net.linears))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert max(steps) < 100, steps

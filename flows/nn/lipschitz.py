@@ -170,8 +170,10 @@ class SpectralNormalization(nn.Module):
                        ) -> int:
         """Run ``num_iterations`` power-iteration steps on ``u, v`` in place, or with ``tol``
         stop after the first that moves neither by more than ``tol`` (2-norm; one host read
-        per step); returns the steps taken."""
-        u, v = self.u, self.v
+        per step); returns the steps taken. In float32 at least: in half precision rounding
+        alone moves the vectors by more than 1e-3 a step (a tolerance then ran to the cap)."""
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        weight, u, v = weight.to(dtype), self.u.to(dtype), self.v.to(dtype)
         steps = 0
         while steps < num_iterations:
             steps += 1
@@ -181,7 +183,7 @@ class SpectralNormalization(nn.Module):
                 moved = torch.maximum(torch.linalg.vector_norm(v_next - v),
                                       torch.linalg.vector_norm(u_next - u))
             u, v = u_next, v_next
-            if tol is not None and float(moved) <= tol:
+            if tol is not None and not float(moved) > tol:  # NaN too: it will not settle
                 break
         self.u.copy_(u)
         self.v.copy_(v)
