@@ -114,7 +114,7 @@ def test_power_iteration_tol_bounds_the_weights_of_training_forwards(path):
         net = LipschitzMLP(2, 32, 2, "elu", coeff=0.9, power_iteration_tol=tol,
                            training_svd=svd).double()
         results[tol, svd] = _training_mode_bounds(net.train(), x, path)
-    assert results[None, False] == (pytest.approx(results[None, False][0]), 1)
+    assert results[None, False][1] == 1  # one power step a forward
     assert results[None, False][0] > 1.5  # measured 1.66
     assert results[1e-4, False][0] <= 1 + 1e-6  # measured 1 + 2.4e-8
     assert results[1e-4, False][1] > 1

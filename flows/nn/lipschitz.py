@@ -144,10 +144,9 @@ class SpectralNormalization(nn.Module):
         element counts as 0, as in ``converge_``; no host read), in float32 at least (there is
         no SVD in half precision)."""
         matrix = _finite(weight)
-        matrix = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
-        left, _, right = torch.linalg.svd(matrix, full_matrices=False)
-        self.u.copy_(left[:, 0])
-        self.v.copy_(right[0])
+        _, u, v = _top_singular_svd(matrix.to(torch.promote_types(matrix.dtype, torch.float32)))
+        self.u.copy_(u)
+        self.v.copy_(v)
 
     def check_weight(self, weight: Tensor) -> None:
         if weight.dim() != 2:
@@ -227,8 +226,8 @@ class SpectralNormalization(nn.Module):
         its singular vectors, here exactly from the SVD (0 steps). The power iteration
         (``top_singular_value``) stalls on nearly equal top singular values: measured 6e-5
         short of ``sigma`` for a 32 x 2 weight, where ``1e-6`` was asked."""
-        left, values, right = torch.linalg.svd(weight, full_matrices=False)
-        return float(values[0]), left[:, 0], right[0], 0
+        sigma, u, v = _top_singular_svd(weight)
+        return float(sigma), u, v, 0
 
     @torch.no_grad()
     def advance_(self, weight: Tensor) -> None:
@@ -251,10 +250,12 @@ class SpectralNormalization(nn.Module):
         self.last_power_iterations = steps
 
     def refresh_(self, weight: Tensor) -> None:
-        """Training mode: the weight will change, mark ``u, v`` stale. Eval mode: converge
+        """Before a use of ``weight``. Training mode: the weight will change, mark ``u, v``
+        stale, and take the power steps before the last (``advance_``). Eval mode: converge
         them if stale, or if the weight changed since they converged (``_unchanged``)."""
         if self.training:
             self.stale = True
+            self.advance_(weight)
         elif self.stale or not _unchanged(weight, self.converged_for):
             self.converge_(weight)
 
@@ -264,7 +265,6 @@ class SpectralNormalization(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         self.refresh_(weight)
-        self.advance_(weight)
         weight_hat, u, v = spectral_normalize(
             weight, self.u, self.v, self.coeff, self.eps, update=self.updating,
             apply=self.operator, apply_adjoint=self.operator_adjoint,
@@ -290,6 +290,12 @@ def _check_training_sigma(tol: float | None, training_svd: bool) -> None:
             f"power_iteration_tol={tol} and training_svd=true both set how training estimates "
             f"sigma: the SVD is exact, so keep one (power_iteration_tol=null or "
             f"training_svd=false)")
+
+
+def _top_singular_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sigma, u, v)``: the largest singular value of ``matrix`` and its vectors (the SVD)."""
+    left, values, right = torch.linalg.svd(matrix, full_matrices=False)
+    return values[0], left[:, 0], right[0]
 
 
 def _finite(weight: Tensor) -> Tensor:
@@ -563,14 +569,13 @@ class LipschitzMLP(nn.Module):
         """The arguments of ``residual_exact`` after ``x`` (and of ``residual_series`` after
         ``gradient``), read from this module's state.
 
-        Refreshes every ``SpectralNormalization`` first (a stale one converges in eval mode)
-        and, in training mode, runs its power steps before the last (``advance_``).
+        Refreshes every ``SpectralNormalization`` first (``refresh_``: in training mode its
+        power steps before the last; a stale one converges in eval mode).
         """
         normalizations = self._normalizations()
         weights = [linear.parametrizations.weight.original for linear in self.linears]
         for normalization, weight in zip(normalizations, weights, strict=True):
             normalization.refresh_(weight)
-            normalization.advance_(weight)
         updating = normalizations[0].updating
         return (weights, [linear.bias for linear in self.linears],
                 [p.u for p in normalizations], [p.v for p in normalizations],
